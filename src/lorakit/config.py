@@ -1,0 +1,150 @@
+"""Dataclass options -> command-line flags and YAML configs.
+
+Each verb declares its options once, as a dataclass whose fields carry defaults and help text
+(`opt(...)`). This module turns such a dataclass into argparse flags (kebab-case, `--x/--no-x` for
+booleans, comma lists for list fields) and builds the instance from `CONFIG.yaml` + flags, flags
+winning. It imports nothing heavy, so `lorakit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with a help text. Mutable defaults (lists) are copied per instance."""
+    meta = {"help": help}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _split_list(values: list[str] | str) -> list[str]:
+    items = [values] if isinstance(values, str) else values
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of `cls`. Defaults are SUPPRESSed so that only given flags override."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        if not required:
+            help_text += f" (default: {default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(tp) is list:
+            kw.update(nargs="+", action="extend", metavar="VALUE")
+        elif get_origin(tp) is Literal:
+            kw.update(choices=list(get_args(tp)))
+        elif tp in (int, float):
+            kw["type"] = tp
+        elif tp in (str, Path):
+            kw["metavar"] = "PATH" if tp is Path or "path" in f.name or "dir" in f.name else "TEXT"
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {tp}")
+        parser.add_argument(flag_name(f.name), **kw)
+
+
+def _coerce(cls: type, name: str, value: Any, tp: Any) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"option {flag_name(name)}: a value is required")
+    try:
+        if inner is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if get_origin(inner) is list:
+            return _split_list(value if isinstance(value, list) else str(value))
+        if get_origin(inner) is Literal:
+            if value not in get_args(inner):
+                raise ValueError(f"{value!r} is not one of {list(get_args(inner))}")
+            return value
+        if inner is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if inner is Path:
+            return str(value)
+        return inner(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"option {flag_name(name)}: invalid value {value!r} ({e})") from None
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type[T], values: dict[str, Any], source: str = "options") -> T:
+    """Instantiate `cls` from a dict (YAML and/or flags), checking names, types and required fields."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s): {', '.join(flag_name(u) for u in unknown)}")
+    kwargs = {k: _coerce(cls, k, v, hints[k]) for k, v in values.items()}
+    for f in dataclasses.fields(cls):
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if missing and f.name not in kwargs:
+            raise ConfigError(f"missing required option {flag_name(f.name)}")
+    cfg = cls(**kwargs)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def config_from_args(cls: type[T], namespace: argparse.Namespace, config_path: str | None = None) -> T:
+    values: dict[str, Any] = load_yaml_config(config_path) if config_path else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    return build_config(cls, values, source=str(config_path or "options"))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")

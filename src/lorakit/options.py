@@ -1,0 +1,35 @@
+"""Option groups shared by several verbs. A verb's config dataclass inherits the groups it needs, so a
+flag such as `--base-model` or `--cutoff-len` is declared once and means the same everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lorakit.config import opt
+from lorakit.errors import ConfigError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelOptions:
+    base_model: str = opt("smollm2-135m", "base model: a Hugging Face folder, a .gguf file, or the alias smollm2-135m")
+    tokenizer: str | None = opt(None, "tokenizer folder, tokenizer.model or .gguf (default: the base model's)")
+
+
+@dataclass
+class PromptDataOptions:
+    data_path: str = opt("", "instruction data: .json (array) / .jsonl with alpaca, messages or conversations records")
+    prompt_template: str = opt("alpaca", "alpaca, alpaca_short, alpaca_legacy, vigogne, chinese_alpaca, chat "
+                                         "(the tokenizer's chat template) or a path to a JSON template")
+    cutoff_len: int = opt(256, "maximum tokens per example (longer ones are truncated)")
+    train_on_inputs: bool = opt(True, "compute loss on the prompt too (--no-train-on-inputs masks it)")
+    add_eos_token: bool = opt(True, "append EOS to each example when room remains")
+    skip_invalid: bool = opt(False, "skip invalid records (and report how many) instead of stopping")
+
+    def validate_data(self) -> None:
+        if not self.data_path:
+            raise ConfigError("missing required option --data-path")
+        if self.cutoff_len < 8:
+            raise ConfigError("--cutoff-len must be at least 8")

@@ -1,0 +1,79 @@
+"""Options of `lorakit finetune` and `lorakit eval` (alpaca-lora's defaults where it has one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lorakit.config import opt
+from lorakit.errors import ConfigError
+from lorakit.options import ModelOptions, Precision, PromptDataOptions
+
+
+@dataclass
+class LoraOptions:
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] = opt(["q_proj", "v_proj"], "modules to adapt: a comma list or all-linear")
+    modules_to_save: list[str] = opt([], "modules trained fully and saved with the adapter (e.g. embed_tokens,lm_head)")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = opt("./lora-alpaca", "where the adapter, logs, plot and checkpoints go")
+    batch_size: int = opt(128, "global batch size (examples per optimizer step, via gradient accumulation)")
+    micro_batch_size: int = opt(4, "examples per forward pass and process")
+    num_epochs: float = opt(3.0, "epochs over the training data")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --num-epochs when > 0)")
+    learning_rate: float = opt(3e-4, "peak learning rate")
+    warmup_steps: int = opt(100, "linear warm-up steps")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up (linear, cosine, constant, ...)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    val_set_size: int = opt(2000, "examples held out for evaluation (0: none)")
+    group_by_length: bool = opt(False, "batch examples of similar length together")
+    padding_free: bool = opt(True, "flatten each micro-batch into one row without padding (faster, same result)")
+    precision: Precision = opt("auto", "auto (bf16 where the hardware supports it), fp32, bf16 or fp16")
+    resume_from_checkpoint: str | None = opt(None, "a trainer checkpoint folder (exact resume), 'last' (the newest "
+                                                   "in --output-dir), or an adapter folder (weights only)")
+    seed: int = opt(42, "random seed (data order, LoRA init, dropout)")
+    report_to: Literal["none", "tensorboard", "wandb"] = opt("none", "where to send training metrics")
+    logging_steps: int = opt(10, "log every N optimizer steps")
+    save_steps: int = opt(200, "save a checkpoint every N steps")
+    eval_steps: int = opt(200, "evaluate every N steps (with a validation set)")
+    save_total_limit: int = opt(3, "checkpoints kept")
+    overwrite: bool = opt(False, "allow an --output-dir that already holds a finished adapter")
+
+    def validate_train(self) -> None:
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+            raise ConfigError("--batch-size must be >= --micro-batch-size >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+                              f"{self.micro_batch_size}")
+        if self.learning_rate <= 0:
+            raise ConfigError("--learning-rate must be positive")
+
+
+@dataclass
+class FinetuneConfig(ModelOptions, PromptDataOptions, LoraOptions, TrainOptions):
+    """Everything `lorakit finetune` needs; every field is a flag and a YAML key."""
+
+    def validate(self) -> None:
+        self.validate_data()
+        self.validate_train()
+        if self.lora_r < 1:
+            raise ConfigError("--lora-r must be >= 1")
+
+
+@dataclass
+class EvalConfig(ModelOptions, PromptDataOptions):
+    lora_weights: list[str] = opt([], "adapter folder(s) to apply, in order")
+    micro_batch_size: int = opt(8, "examples per forward pass")
+    exact_match: bool = opt(False, "also generate answers and report exact-match accuracy against the outputs")
+    max_new_tokens: int = opt(64, "generation length for --exact-match")
+    limit: int = opt(0, "evaluate only the first N examples (0: all)")
+    precision: Precision = opt("fp32", "fp32, bf16 or auto")
+
+    def validate(self) -> None:
+        self.validate_data()
