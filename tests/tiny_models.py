@@ -9,7 +9,8 @@ SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", Path(__file__).resolve(
 
 # A ChatML template (as SmolLM2 uses) so that `--prompt-template chat` works on tiny models.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

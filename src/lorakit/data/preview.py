@@ -32,7 +32,8 @@ def run_preview(cfg: PreviewConfig) -> int:
     for ex in examples[: cfg.num]:
         feats = tokenize_example(ex, prompter, tokenizer, cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos_token)
         if cfg.json:
-            out.write(json.dumps({"where": ex.where, "input_ids": feats["input_ids"], "labels": feats["labels"]}) + "\n")
+            record = {"where": ex.where, "input_ids": feats["input_ids"], "labels": feats["labels"]}
+            out.write(json.dumps(record) + "\n")
             continue
         n_trained = sum(label != IGNORE_INDEX for label in feats["labels"])
         out.write(f"=== {ex.where}: {len(feats['input_ids'])} tokens, {n_trained} trained\n")

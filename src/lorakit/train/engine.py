@@ -1,0 +1,222 @@
+"""The training engine shared by `finetune` and `pretrain`: LoRA on HF Trainer (via accelerate).
+
+HF Trainer brings gradient accumulation, checkpoints with optimizer/scheduler/RNG state (exact
+resume), DDP/FSDP/DeepSpeed under torchrun/accelerate, evaluation and TensorBoard. This module adds
+what alpaca-lora users had to get right by hand: the global batch split into micro-batches across
+processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under bf16, an output folder
+with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from lorakit.config import save_yaml
+from lorakit.data.collators import make_collator
+from lorakit.errors import ConfigError, LorakitError, OutputExistsError
+from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback, plot_losses
+from lorakit.train.config import LoraOptions, TrainOptions
+from lorakit.train.precision import resolve_precision
+
+log = logging.getLogger("lorakit")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainSummary:
+    output_dir: str
+    global_step: int
+    train_loss: float
+    eval_loss: float | None
+    train_seconds: float
+    tokens_seen: int
+    tokens_per_second: float
+    peak_rss_mb: float
+    precision: str
+    trainable_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, n_processes: int) -> int:
+    """alpaca-lora's rule: global batch = micro batch x accumulation x processes."""
+    steps = batch_size // (micro_batch_size * n_processes)
+    if steps < 1 or steps * micro_batch_size * n_processes != batch_size:
+        raise ConfigError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size "
+                          f"{micro_batch_size} x {n_processes} process(es)")
+    return steps
+
+
+def lora_config(cfg: LoraOptions):
+    from peft import LoraConfig, TaskType
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=cfg.modules_to_save or None, use_rslora=cfg.use_rslora, bias="none",
+    )
+
+
+def _resume_target(cfg: TrainOptions) -> tuple[str | None, str | None]:
+    """(trainer checkpoint to resume, adapter folder to start from); at most one is set."""
+    spec = cfg.resume_from_checkpoint
+    if not spec:
+        return None, None
+    if spec in ("last", "latest", "true", "True"):
+        last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"--resume-from-checkpoint {spec}: no checkpoint-* folder in {cfg.output_dir}")
+        return last, None
+    path = Path(spec)
+    if (path / "trainer_state.json").is_file():
+        return str(path), None
+    if (path / "adapter_config.json").is_file():
+        return None, str(path)
+    raise ConfigError(f"--resume-from-checkpoint {spec}: neither a trainer checkpoint (trainer_state.json) "
+                      "nor an adapter folder (adapter_config.json)")
+
+
+def _load_adapter_weights(peft_model, adapter_dir: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / ADAPTER_FILE))
+    result = set_peft_model_state_dict(peft_model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise LorakitError(f"adapter {adapter_dir} does not fit this model/LoRA config: unexpected keys "
+                           f"{result.unexpected_keys[:3]}")
+    log.info("starting from the weights of adapter %s (optimizer and schedule start fresh)", adapter_dir)
+
+
+def _check_saved_adapter(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
+    """Refuse an empty or all-zero adapter file (alpaca-lora's silent state_dict bug)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ADAPTER_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        lora_b = [f.get_tensor(k) for k in keys if "lora_B" in k]
+    if not keys or len(keys) < len(trainable):
+        raise LorakitError(f"saved adapter has {len(keys)} tensors, expected {len(trainable)}: not saved correctly")
+    if lora_b and all(not t.any() for t in lora_b):
+        log.warning("all LoRA B matrices are zero: the adapter does not change the model yet")
+
+
+def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path) -> None:
+    """Adapter, tokenizer and config into a temp folder, checked, then moved into `out` file by file."""
+    tmp = out / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    save_yaml(cfg, tmp / "lorakit_config.yaml")
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    _check_saved_adapter(tmp, trainable)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
+def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
+    accumulation = gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+          train_data: Sequence[dict[str, list[int]]], eval_data: Sequence[dict[str, list[int]]] | None = None,
+          collator: Any = None) -> TrainSummary:
+    """Wrap `model` with LoRA per `cfg` (LoraOptions + TrainOptions), train, and save the adapter folder."""
+    from peft import get_peft_model
+
+    out = Path(cfg.output_dir)
+    checkpoint, start_adapter = _resume_target(cfg)
+    if (out / ADAPTER_FILE).exists() and not (cfg.overwrite or checkpoint):
+        raise OutputExistsError(f"{out} already holds a trained adapter; pass --overwrite, "
+                                "or --resume-from-checkpoint last to continue its run")
+    if not train_data:
+        raise ConfigError("no training examples left after tokenization")
+    precision = resolve_precision(cfg.precision)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model.config.use_cache = False  # required for correct per-example attention in packed rows
+    peft_model = get_peft_model(model, lora_config(cfg))
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights (and so optimizer state) stay fp32
+    if start_adapter:
+        _load_adapter_weights(peft_model, start_adapter)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("trainable params: %s of %s (%.3f%%); precision %s; %d process(es)", f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total, precision, world_size())
+
+    args = _training_args(cfg, out, precision, has_eval=bool(eval_data))
+    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LossPlotCallback(out / "loss.png")]
+    trainer = Trainer(model=peft_model, args=args, train_dataset=list(train_data),
+                      eval_dataset=list(eval_data) if eval_data else None,
+                      data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
+                      processing_class=tokenizer, callbacks=callbacks)
+    if is_main_process() and not checkpoint:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
+
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tokenizer, cfg, out)
+        plot_losses(trainer.state.log_history, out / "loss.png")
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not math.isfinite(result.training_loss):
+        raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
+    return TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
+                        train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
+                        tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
+                        peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable)
