@@ -87,10 +87,15 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, allo
                 what: str = "the model") -> None:
     """Refuse a tokenizer/model vocabulary mix-up with a clear message; resize only when allowed."""
     n_tok, n_emb = len(tokenizer), embedding_rows(model)
+    if n_tok > n_emb and allow_resize:
+        resize_embeddings(model, n_tok)
+        return
+    check_vocab_rows(n_tok, n_emb, what)
+
+
+def check_vocab_rows(n_tok: int, n_emb: int, what: str = "the model") -> None:
+    """`check_vocab` on sizes alone (for checkpoints that are not loaded, e.g. a streaming merge)."""
     if n_tok > n_emb:
-        if allow_resize:
-            resize_embeddings(model, n_tok)
-            return
         raise MismatchError(
             f"the tokenizer has {n_tok} tokens but {what}'s embeddings have {n_emb} rows: token ids "
             f">= {n_emb} would crash or read garbage. Use the tokenizer the model was trained with, or "
