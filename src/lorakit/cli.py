@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                      "show examples as the trainer sees them (prompt, masked part, labels)"),
     "demo": ("lorakit.demo.config:DemoConfig", "lorakit.demo.run:run_demo",
              "the main job: teach smollm2-135m a verifiable task with LoRA, accuracy before/after"),
+    "self-instruct": ("lorakit.selfinstruct.config:SelfInstructConfig", "lorakit.selfinstruct.run:run_self_instruct",
+                      "generate alpaca data from any OpenAI-compatible endpoint (resumable, de-duplicated)"),
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 _DECODER = json.JSONDecoder()
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
-_ITEM_BOUNDARY = re.compile(r"\}\s*,\s*\{")
+_ITEM_BOUNDARY = re.compile(r"\}\s*,\s*")  # end of one object item, start of the next item
 # Keys as models sometimes spell them (case-insensitive; Chinese models may answer with Chinese keys).
 _KEY_ALIASES = {"instruction": "instruction", "instructions": "instruction", "task": "instruction",
                 "指令": "instruction", "input": "input", "inputs": "input", "输入": "input",
@@ -48,7 +48,7 @@ def _salvage_array(text: str, start: int) -> tuple[list[Any], int] | None:
     """Items of the (possibly broken or truncated) array whose '[' is at `start`.
 
     Each item that decodes is kept; each that does not counts as malformed and scanning resumes at the
-    next `}, {` boundary. Returns None when the text after '[' does not look like a list of objects.
+    next `},` boundary. Returns None when the text after '[' does not look like a list of objects.
     """
     n = len(text)
     i = start + 1
@@ -74,7 +74,7 @@ def _salvage_array(text: str, start: int) -> tuple[list[Any], int] | None:
         m = _ITEM_BOUNDARY.search(text, i + 1)
         if m is None:
             break
-        i = m.start() + m.group(0).index("{", 1)
+        i = m.end()
     return items, malformed
 
 
