@@ -392,3 +392,27 @@ def test_bad_options(tmp_path, bad):
             str(tmp_path / "o.jsonl")]
     res = run_cli(args + bad)
     assert res.returncode == 2 and bad[0] in res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with a ChatML template: trainable, and servable by `lorakit serve`."""
+    from tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_chat") / "model", chat=True)
+
+
+def test_output_feeds_finetune(tmp_path, tiny_chat_model):
+    """The generated file is training data as is: one LoRA step on a tiny model, through the CLI."""
+    from lorakit.cli import main
+
+    out = tmp_path / "gen.jsonl"
+    with FakeOpenAI(per_reply=4, seed=11) as server:
+        cfg = SelfInstructConfig(api_base=server.url, model="m", num_examples=8, output=str(out), per_request=4)
+        assert generate(cfg, SECRET, progress=False).total == 8
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "--base-model", str(tiny_chat_model), "--data-path", str(out), "--output-dir",
+              str(tmp_path / "lora"), "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "4",
+              "--val-set-size", "0", "--warmup-steps", "0", "--cutoff-len", "64"])
+    assert done.value.code == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
