@@ -1,0 +1,99 @@
+"""`lorakit pretrain`: continued causal-LM pre-training on raw text with LoRA (+ full embeddings).
+
+Chinese-LLaMA's recipe: documents are tokenized, joined with EOS, and cut into equal blocks; when the
+tokenizer was extended (`lorakit vocab merge`) the embeddings grow to match, new rows starting at the
+mean of the old ones, and `embed_tokens`/`lm_head` are trained fully (modules_to_save) with the LoRA.
+The adapter folder then holds the full resized matrices, so `lorakit merge` yields a model whose
+vocab_size equals the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from lorakit.data import read_text_documents
+from lorakit.errors import DataError
+from lorakit.models import check_vocab, load_model, load_tokenizer, resolve_model_dir
+from lorakit.train.engine import TrainSummary, is_main_process, train
+from lorakit.train.finetune import split_validation
+from lorakit.train.precision import resolve_precision, weights_dtype
+from lorakit.train.pretrain_config import PretrainConfig
+
+log = logging.getLogger("lorakit")
+Block = dict[str, list[int]]
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer, batch: int = 1000,
+                       show_progress: bool = True) -> list[int]:
+    """One token stream: each document as the tokenizer encodes it (with BOS if it adds one), then EOS."""
+    from tqdm import tqdm
+
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    bar = tqdm(total=len(documents), desc="tokenizing", unit=" docs", disable=not show_progress)
+    for start in range(0, len(documents), batch):
+        chunk = list(documents[start:start + batch])
+        for ids in tokenizer(chunk, add_special_tokens=True)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None and (not ids or ids[-1] != eos):
+                stream.append(eos)
+        bar.update(len(chunk))
+    bar.close()
+    return stream
+
+
+def make_blocks(stream: Sequence[int], block_size: int) -> list[Block]:
+    """Cut the stream into blocks of exactly `block_size` tokens; the remainder is dropped.
+
+    Every token is a label (causal LM); the model shifts labels internally.
+    """
+    blocks = []
+    for start in range(0, len(stream) - block_size + 1, block_size):
+        ids = list(stream[start:start + block_size])
+        blocks.append({"input_ids": ids, "labels": list(ids), "attention_mask": [1] * block_size})
+    return blocks
+
+
+def pretrain(cfg: PretrainConfig) -> TrainSummary:
+    from transformers import default_data_collator
+
+    precision = resolve_precision(cfg.precision)
+    model_dir = resolve_model_dir(cfg.base_model)
+    tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
+
+    # Data problems surface before the (slow) model load.
+    documents = read_text_documents(cfg.data_path)
+    if not documents:
+        raise DataError(cfg.data_path, None, None, "no non-empty documents")
+    stream = tokenize_documents(documents, tokenizer)
+    blocks = make_blocks(stream, cfg.block_size)
+    if not blocks:
+        raise DataError(cfg.data_path, None, None, f"only {len(stream)} tokens, fewer than --block-size "
+                                                   f"{cfg.block_size}: lower --block-size or add text")
+    train_set, val_set = split_validation(blocks, cfg.val_set_size, cfg.seed)
+    log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d", len(documents),
+             len(stream), len(train_set), len(val_set), cfg.block_size)
+
+    model = load_model(model_dir, weights_dtype(precision))
+    rows = model.get_input_embeddings().weight.shape[0]
+    check_vocab(tokenizer, model, allow_resize=True)  # grows the embeddings (mean init) for a larger tokenizer
+    if len(tokenizer) > rows:
+        log.info("vocabulary extended %d -> %d: training embed_tokens and lm_head fully", rows, len(tokenizer))
+        for name in ("embed_tokens", "lm_head"):  # the new rows must be trained and saved with the adapter
+            if name not in cfg.modules_to_save:
+                cfg.modules_to_save.append(name)
+    # Blocks all have the same length: stacking them needs no padding and no packing.
+    return train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
+
+
+def run_pretrain(cfg: PretrainConfig) -> int:
+    summary = pretrain(cfg)
+    if is_main_process():
+        eval_part = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
+        print(f"done: {summary.global_step} steps, train loss {summary.train_loss:.4f}{eval_part}, "
+              f"{summary.tokens_per_second:.0f} tokens/s, peak RSS {summary.peak_rss_mb:.0f} MB, "
+              f"precision {summary.precision}")
+        print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
+        print(f"merge it: lorakit merge --base-model {cfg.base_model} --lora-weights {summary.output_dir} ...")
+    return 0

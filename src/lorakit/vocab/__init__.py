@@ -1,0 +1,1 @@
+"""Tokenizer vocabulary tools: SentencePiece training, merging into a base tokenizer, statistics."""
