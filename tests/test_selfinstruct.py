@@ -245,7 +245,7 @@ def test_parse_retry_after():
 def test_config_checks_and_budget():
     cfg = SelfInstructConfig(api_base="http://127.0.0.1:1/v1", model="m", num_examples=95, output="o.jsonl")
     cfg.validate()
-    assert cfg.request_budget() == 5 * 10
+    assert cfg.request_budget() == 5 * 12  # ceil(95 / 8) requests at the default 8 per request
     assert SelfInstructConfig(api_base="http://h/v1", model="m", num_examples=3, output="o",
                               max_requests=7).request_budget() == 7
     assert SelfInstructConfig(api_base="http://h/v1", model="m", num_examples=3, output="o").request_budget() == 20

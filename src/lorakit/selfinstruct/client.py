@@ -64,7 +64,7 @@ class ChatClient:
     """`await client.complete(messages)` -> Reply, retrying transient failures; counts in `retries`."""
 
     def __init__(self, api_base: str, model: str, api_key: str, *, timeout: float = 120.0, max_retries: int = 5,
-                 backoff: float = 1.0, temperature: float = 1.0, max_tokens: int = 3072,
+                 backoff: float = 1.0, temperature: float = 1.0, max_tokens: int = 2048,
                  rng: random.Random | None = None):
         from openai import AsyncOpenAI
 

@@ -19,10 +19,10 @@ class SelfInstructConfig:
     seed_tasks: str | None = opt(None, "seed tasks (.json/.jsonl alpaca records, or Self-Instruct records with "
                                        "'instances'): shown as examples in each request instead of topics")
     topics: str | None = opt(None, "text file with one topic per line (replaces the built-in topics)")
-    per_request: int = opt(10, "tasks asked for in each request")
+    per_request: int = opt(8, "tasks asked for in each request")
     concurrency: int = opt(4, "requests in flight at once")
     temperature: float = opt(1.0, "sampling temperature")
-    max_tokens: int = opt(3072, "maximum tokens per reply")
+    max_tokens: int = opt(2048, "maximum tokens per reply (a reply cut short still yields its complete items)")
     max_retries: int = opt(5, "retries per request on 429, 5xx, timeouts and connection errors before giving up")
     backoff: float = opt(1.0, "first retry delay in seconds (doubles each retry, with jitter) when the server "
                               "sends no Retry-After")
