@@ -1,5 +1,9 @@
-"""The one generation engine every front end (CLI, batch, web page, API server) uses."""
+"""The one generation engine every front end (CLI, batch file, web page, API server) uses.
 
-from lorakit.generate.engine import GenerationParams, generate_batch
+- `generate_batch(model, tokenizer, prompts, params)`: plain batched generation (training/eval code).
+- `Engine`: model + adapters + prompt template loaded once, a batching worker, streaming.
+"""
 
-__all__ = ["GenerationParams", "generate_batch"]
+from lorakit.generate.engine import GenerationParams, Request, generate_batch, run_batch
+
+__all__ = ["GenerationParams", "Request", "generate_batch", "run_batch"]

@@ -1,0 +1,96 @@
+"""Options of `lorakit generate` and `lorakit infer` (and the engine/sampling groups serve and webui reuse).
+
+No torch import here: these dataclasses build the CLI flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorakit.config import opt
+from lorakit.errors import ConfigError
+from lorakit.options import ModelOptions, Precision
+
+
+@dataclass
+class EngineOptions(ModelOptions):
+    lora_weights: list[str] = opt([], "LoRA adapter folder(s), applied in order; NAME=PATH names one (the "
+                                      "server selects adapters by name)")
+    prompt_template: str = opt("auto", "auto (the template the adapter was trained with, else the tokenizer's "
+                                       "chat template if it has one, else alpaca), chat, alpaca, "
+                                       "alpaca_short, alpaca_legacy, vigogne, chinese_alpaca or a .json path")
+    precision: Precision = opt("auto", "weights dtype: auto = fp32 on CPU (faster than bf16 for decoding "
+                                       "on the CPUs we measured), bf16 on a GPU that supports it")
+    merge: bool = opt(True, "merge the adapters into the weights in memory (faster); --no-merge keeps "
+                            "them separate")
+
+    def adapter_specs(self) -> list[tuple[str, str]]:
+        """[(name, path)] from `--lora-weights` (NAME=PATH or PATH, named after the folder)."""
+        specs: list[tuple[str, str]] = []
+        for item in self.lora_weights:
+            name, sep, path = item.partition("=")
+            if not sep:
+                path = item
+                name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or "adapter"
+            if not name or not path:
+                raise ConfigError(f"--lora-weights {item!r}: expected PATH or NAME=PATH")
+            base = name
+            k = 2
+            while name in (n for n, _ in specs):
+                name, k = f"{base}-{k}", k + 1
+            specs.append((name, path))
+        return specs
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = opt(256, "most tokens to generate per response")
+    temperature: float = opt(0.1, "sampling temperature (0: greedy)")
+    top_p: float = opt(0.75, "nucleus sampling: smallest set of tokens with this probability mass")
+    top_k: int = opt(40, "sample among the k most likely tokens (0: no limit)")
+    num_beams: int = opt(1, "beam search width (> 1 disables token streaming)")
+    repetition_penalty: float = opt(1.0, "penalty for repeating tokens already present (1: off)")
+    stop: list[str] = opt([], "extra stop strings (EOS and the template's end-of-turn always stop)")
+    seed: int | None = opt(None, "random seed for reproducible sampling")
+
+    def generation_params(self):
+        from lorakit.generate.engine import GenerationParams
+
+        return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, num_beams=self.num_beams,
+                                repetition_penalty=self.repetition_penalty, stop=list(self.stop),
+                                seed=self.seed).validate()
+
+
+@dataclass
+class GenerateConfig(EngineOptions, SamplingOptions):
+    """`lorakit generate`: one response, or an interactive chat without --instruction."""
+
+    instruction: str | None = opt(None, "the instruction; without it an interactive session starts")
+    input: str | None = opt(None, "optional input/context for the instruction")
+    stream: bool = opt(True, "print tokens as they come when writing to a terminal")
+
+    def validate(self) -> None:
+        self.generation_params()
+        self.adapter_specs()
+
+
+@dataclass
+class InferConfig(EngineOptions, SamplingOptions):
+    """`lorakit infer`: a response for every record of a data file, written in order, resumable."""
+
+    data_file: str = opt("", "input .jsonl/.json: alpaca records (instruction/input) or chat records "
+                              "(messages/conversations)")
+    output: str = opt("", "output .jsonl: each input record plus a \"response\" field")
+    batch_size: int = opt(8, "prompts generated together (left-padded)")
+    limit: int = opt(0, "only the first N records (0: all)")
+
+    def validate(self) -> None:
+        self.generation_params()
+        self.adapter_specs()
+        if not self.data_file:
+            raise ConfigError("missing required option --data-file")
+        if not self.output:
+            raise ConfigError("missing required option --output")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")

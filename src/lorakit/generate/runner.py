@@ -1,0 +1,323 @@
+"""`Engine`: a model loaded once, plus a background worker that batches concurrent requests.
+
+Dynamic batching: one worker thread owns the model. It takes the first queued request, waits a few
+milliseconds for more (`gather_ms`), and runs everything it gathered (up to `max_batch_size`) as one
+left-padded batch, grouped by adapter and by `GenerationParams.batch_key()`. Requests that arrive while a
+batch is running queue up and form the next batch, so N concurrent clients cost about one batch of N
+rather than N sequential generations. Each request streams text through its callbacks; cancelling a
+request (client gone) ends its row at the next token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import LorakitError
+from lorakit.generate.engine import GenerationParams, Request, run_batch
+
+if TYPE_CHECKING:
+    from lorakit.generate.config import EngineOptions
+    from lorakit.prompts import ChatPrompter, Prompter
+
+log = logging.getLogger("lorakit")
+_DONE = object()
+
+
+class PromptTooLongError(LorakitError):
+    """The prompt plus the requested new tokens do not fit the model's context."""
+
+
+class UnknownModelError(LorakitError):
+    """A request named a model/adapter the engine does not serve."""
+
+
+def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> str:
+    """Resolve `--prompt-template auto`: the adapter's training template (its lorakit_config.yaml), else
+    `chat` when the tokenizer has a chat template, else `alpaca`."""
+    if name != "auto":
+        return name
+    import yaml
+
+    for d in adapter_dirs:
+        cfg_file = Path(d) / "lorakit_config.yaml"
+        if cfg_file.is_file():
+            with contextlib.suppress(yaml.YAMLError, OSError):
+                template = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("prompt_template")
+                if isinstance(template, str) and template:
+                    return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def _adapter_tokenizer(adapter_dirs: Sequence[Path]) -> Path | None:
+    """An adapter folder that carries its own tokenizer (finetune saves it; needed for extended vocab)."""
+    for d in adapter_dirs:
+        if (d / "tokenizer_config.json").is_file() and any(
+                (d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            return d
+    return None
+
+
+def resolve_dtype(precision: str):
+    import torch
+
+    if precision == "auto":
+        # Measured for decoding on a 2-core CPU: fp32 beats bf16 at batch 1 and 8 (see benchmarks/).
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Engine:
+    """A loaded model + tokenizer + prompter, served by one batching worker thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompter: Prompter | ChatPrompter, *, base_name: str = "base",
+                 adapter_names: Sequence[str] = (), merged_name: str | None = None, max_batch_size: int = 16,
+                 gather_ms: float = 20.0):
+        self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
+        self.base_name = base_name
+        self.adapter_names = list(adapter_names)  # selectable (unmerged) adapters
+        self.merged_name = merged_name            # set when adapters were merged into the weights
+        self.max_batch_size = max_batch_size
+        self.gather_s = gather_ms / 1000
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches_run = 0  # statistics: how many generate calls, and their sizes
+        self.batch_sizes: list[int] = []
+
+    # ---- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, opts: EngineOptions, merge: bool | None = None, **kwargs: Any) -> Engine:
+        """Load base model, adapters (merged or selectable), tokenizer and prompt template once."""
+        from lorakit.models import (
+            attach_adapters,
+            check_vocab,
+            ensure_pad_token,
+            load_model,
+            load_tokenizer,
+            resolve_adapter_dir,
+            resolve_model_dir,
+        )
+        from lorakit.prompts import get_prompter
+
+        merge = opts.merge if merge is None else merge
+        specs = opts.adapter_specs()
+        dirs = [resolve_adapter_dir(p) for _, p in specs]
+        model_dir = resolve_model_dir(opts.base_model)
+        tokenizer = load_tokenizer(model_dir, opts.tokenizer or _adapter_tokenizer(dirs), add_pad_token=False)
+        pad_added = ensure_pad_token(tokenizer)
+        template = choose_template(opts.prompt_template, tokenizer, dirs)
+        prompter = get_prompter(template, tokenizer)
+        model = load_model(model_dir, resolve_dtype(opts.precision))
+        model = attach_adapters(model, dirs, names=[n for n, _ in specs], merge=merge)
+        check_vocab(tokenizer, model, allow_resize=pad_added)
+        import torch
+
+        if torch.cuda.is_available():
+            model = model.cuda()
+        model.eval()
+        base_name = opts.base_model if "/" not in opts.base_model else Path(opts.base_model).name
+        names = [n for n, _ in specs]
+        log.info("engine: %s%s, template %r, %s", base_name,
+                 f" + {', '.join(names)} ({'merged' if merge else 'separate'})" if names else "",
+                 prompter.name, next(model.parameters()).dtype)
+        return cls(model, tokenizer, prompter, base_name=base_name,
+                   adapter_names=[] if merge else names,
+                   merged_name="+".join(names) if merge and names else None, **kwargs)
+
+    # ---- models and prompts ----------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        """What the server lists: the merged model, or the base and each selectable adapter."""
+        if self.merged_name:
+            return [self.merged_name]
+        return [self.base_name, *self.adapter_names]
+
+    @property
+    def default_model(self) -> str:
+        return self.merged_name or (self.adapter_names[0] if self.adapter_names else self.base_name)
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """Model name -> adapter to activate (None: the weights as loaded, i.e. base or merged)."""
+        name = name or self.default_model
+        if name in self.adapter_names:
+            return name
+        if name in (self.merged_name, self.base_name) and (self.merged_name is None or name == self.merged_name):
+            return None
+        raise UnknownModelError(f"model {name!r} is not served here; available: {', '.join(self.model_names)}")
+
+    def encode(self, prompt: str, special: bool | None = None) -> list[int]:
+        """Token ids of a prompt. By default BOS etc. are added except for chat-template prompts, which
+        carry their own special tokens; raw completions pass `special=True`."""
+        special = self.prompter.kind != "chat" if special is None else special
+        return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+
+    def instruction_ids(self, instruction: str, input: str | None = None) -> list[int]:  # noqa: A002
+        return self.encode(self.prompter.generate_prompt(instruction, input or None))
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode(self.prompter.chat_prompt(messages))
+
+    def with_template_stops(self, params: GenerationParams) -> GenerationParams:
+        from dataclasses import replace
+
+        stops = list(dict.fromkeys([*params.stop, *self.prompter.stop_strings]))
+        return replace(params, stop=stops)
+
+    def check_length(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
+        if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                f"model's context of {self.context_length} tokens")
+
+    # ---- running ---------------------------------------------------------------------------------
+    def _run(self, requests: list[Request]) -> None:
+        adapter = requests[0].adapter
+        peft = hasattr(self.model, "disable_adapter") and hasattr(self.model, "set_adapter")
+        ctx: Any = contextlib.nullcontext()
+        if peft and adapter is None:
+            ctx = self.model.disable_adapter()
+        elif peft:
+            self.model.set_adapter(adapter)
+        self.batches_run += 1
+        self.batch_sizes.append(len(requests))
+        with ctx:
+            run_batch(self.model, self.tokenizer, requests)
+
+    def run_now(self, requests: list[Request]) -> None:
+        """Run `requests` (one batch key and adapter) in the calling thread; marks them finished."""
+        with self._lock:
+            try:
+                self._run(requests)
+            except Exception as e:  # noqa: BLE001 (reported to each request's owner)
+                log.exception("generation failed")
+                for r in requests:
+                    r.error = e
+            finally:
+                for r in requests:
+                    r._finish()
+
+    def submit(self, prompt_ids: Sequence[int], params: GenerationParams, adapter: str | None = None,
+               on_text: Callable[[str], None] | None = None,
+               on_done: Callable[[Request], None] | None = None) -> Request:
+        """Queue a request for the worker (started on first use); returns it at once."""
+        params = self.with_template_stops(params.validate())
+        self.check_length(prompt_ids, params)
+        req = Request(list(prompt_ids), params, adapter, on_text=on_text, on_done=on_done)
+        self._ensure_worker()
+        self._queue.put(req)
+        return req
+
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams, adapter: str | None = None) -> TextStream:
+        """An iterator of text chunks; closing it (or dropping it) cancels the generation."""
+        chunks: queue.Queue[Any] = queue.Queue()
+        req = self.submit(prompt_ids, params, adapter, on_text=chunks.put, on_done=lambda r: chunks.put(_DONE))
+        return TextStream(req, chunks)
+
+    def complete(self, prompt_ids: Sequence[int], params: GenerationParams, adapter: str | None = None,
+                 timeout: float | None = None) -> Request:
+        req = self.submit(prompt_ids, params, adapter)
+        if not req.finished.wait(timeout):
+            req.cancel()
+            raise TimeoutError("generation timed out")
+        if req.error is not None:
+            raise req.error
+        return req
+
+    def generate_many(self, prompt_ids: Sequence[Sequence[int]], params: GenerationParams, batch_size: int = 8,
+                      adapter: str | None = None) -> Iterator[list[Request]]:
+        """Batches of finished requests, in order, run in the calling thread (batch files)."""
+        params = self.with_template_stops(params.validate())
+        for start in range(0, len(prompt_ids), batch_size):
+            reqs = [Request(list(ids), params, adapter) for ids in prompt_ids[start:start + batch_size]]
+            for r in reqs:
+                self.check_length(r.prompt_ids, params)
+            if params.seed is not None:  # reproducible but distinct per record
+                from dataclasses import replace
+
+                for i, r in enumerate(reqs):
+                    r.params = replace(params, seed=params.seed + start + i)
+            self.run_now(reqs)
+            for r in reqs:
+                if r.error is not None:
+                    raise r.error
+            yield reqs
+
+    def _ensure_worker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._worker, name="lorakit-generate", daemon=True)
+            self._thread.start()
+
+    def _gather(self, first: Request) -> list[Request]:
+        batch = [first]
+        deadline = time.monotonic() + self.gather_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # keep the shutdown signal for the loop
+                break
+            batch.append(item)
+        return batch
+
+    def _worker(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            groups: dict[tuple, list[Request]] = {}
+            for r in self._gather(first):
+                if r.cancelled.is_set():
+                    r.finish_reason = "cancelled"
+                    r._finish()
+                    continue
+                groups.setdefault((r.adapter, r.params.batch_key()), []).append(r)
+            for group in groups.values():
+                self.run_now(group)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
+class TextStream:
+    """Iterate text chunks of one request; `close()` cancels it. `request` holds the result at the end."""
+
+    def __init__(self, request: Request, chunks: queue.Queue[Any]):
+        self.request, self._chunks = request, chunks
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._chunks.get()
+                if item is _DONE:
+                    break
+                yield item
+        finally:
+            self.close()
+        if self.request.error is not None:
+            raise self.request.error
+
+    def close(self) -> None:
+        if not self.request.finished.is_set():
+            self.request.cancel()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,247 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over one `Engine`.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+`stream: true` as server-sent events ending `data: [DONE]`). Every request goes to the engine's batching
+worker, so concurrent requests share forward passes. Errors are OpenAI-shaped: `{"error": {"message",
+"type", "param", "code"}}`. A client that goes away cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorakit.errors import ConfigError
+from lorakit.generate.engine import GenerationParams
+from lorakit.generate.engine import Request as GenRequest
+from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
+from lorakit.serve.config import ServeConfig
+from lorakit.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+log = logging.getLogger("lorakit")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int = 2048,
+               default_max_tokens: int = 256) -> FastAPI:
+    """The FastAPI application; `engine` is shared by all requests (its worker batches them)."""
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None)
+    stats: Counter[str] = Counter()
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid body")
+        return JSONResponse(error_body(message, param=param, code="invalid_request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer KEY)",
+                                               code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        sizes = engine.batch_sizes
+        return {"status": "ok", "models": engine.model_names, "batches": engine.batches_run,
+                "max_batch_size": max(sizes, default=0), "finished": dict(stats)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "lorakit"} for name in engine.model_names]}
+
+    def params_of(body: SamplingFields, max_tokens: int | None) -> GenerationParams:
+        max_tokens = max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
+                           param="max_tokens")
+        try:
+            return GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, num_beams=body.num_beams,
+                                    repetition_penalty=body.repetition_penalty, stop=body.stop_list(),
+                                    seed=body.seed).validate()
+        except ConfigError as e:
+            raise APIError(400, str(e)) from None
+
+    def adapter_of(body: SamplingFields) -> str | None:
+        try:
+            return engine.resolve_model(body.model)
+        except UnknownModelError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+
+    def submit(http: Request, ids: list[int], params: GenerationParams, adapter: str | None):
+        """Queue on the engine; events ("text", chunk) / ("done", request) arrive on an asyncio queue."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def put(item: tuple[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def done(r: GenRequest) -> None:
+            stats[r.finish_reason or "error"] += 1
+            put(("done", r))
+
+        try:
+            req = engine.submit(ids, params, adapter, on_text=lambda t: put(("text", t)), on_done=done)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        return req, events
+
+    async def wait_done(http: Request, req: GenRequest, events: asyncio.Queue) -> GenRequest:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    req.cancel()
+                    raise APIError(499, "client closed the request") from None
+                continue
+            if kind == "done":
+                if value.error is not None:
+                    raise value.error
+                return value
+
+    def usage(req: GenRequest) -> dict[str, int]:
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
+                "total_tokens": req.prompt_tokens + req.completion_tokens}
+
+    async def sse(req: GenRequest, events: asyncio.Queue, chunk, include_usage: bool) -> AsyncIterator[dict]:
+        """Server-sent events: one chunk per text piece, a final chunk with finish_reason, then [DONE]."""
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "text":
+                    yield {"data": json.dumps(chunk(value, None))}
+                    continue
+                if value.error is not None:
+                    yield {"data": json.dumps(error_body(f"generation failed: {value.error}", "server_error"))}
+                    break
+                yield {"data": json.dumps(chunk(None, value.finish_reason))}
+                if include_usage:
+                    yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": usage(value)})}
+                break
+            yield {"data": "[DONE]"}
+        finally:  # also runs when the client disconnects (the generator is cancelled/closed)
+            req.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        adapter = adapter_of(body)
+        params = params_of(body, body.max_completion_tokens or body.max_tokens)
+        messages = [m.as_dict() for m in body.messages]
+        if not any(m["role"] == "user" for m in messages):
+            raise APIError(400, "messages must contain at least one user message", param="messages")
+        ids = engine.chat_ids(messages)
+        req, events = submit(http, ids, params, adapter)
+        cid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
+        now = int(time.time())
+        if body.stream:
+            first = [True]
+
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if first[0]:
+                    delta["role"], first[0] = "assistant", False
+                    delta.setdefault("content", "")
+                return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(sse(req, events, chunk, include), ping=15)
+        done = await wait_done(http, req, events)
+        return {"id": cid, "object": "chat.completion", "created": now, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text.strip()},
+                             "finish_reason": done.finish_reason, "logprobs": None}],
+                "usage": usage(done)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        adapter = adapter_of(body)
+        params = params_of(body, body.max_tokens)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "prompt: exactly one prompt string per request is supported", param="prompt")
+        ids = engine.encode(prompts[0], special=True)
+        req, events = submit(http, ids, params, adapter)
+        cid, model = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
+        now = int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": now, "model": model,
+                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(sse(req, events, chunk, include), ping=15)
+        done = await wait_done(http, req, events)
+        result = chunk(done.text, done.finish_reason)
+        result["usage"] = usage(done)
+        return result
+
+    app.state.engine, app.state.stats = engine, stats
+    return app
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY") or None
+    engine = Engine.load(cfg, max_batch_size=cfg.max_concurrency, gather_ms=cfg.gather_ms)
+    app = create_app(engine, api_key, cfg.max_tokens_limit, cfg.default_max_tokens)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use it", cfg.host)
+    print(f"serving {', '.join(engine.model_names)} at http://{cfg.host}:{cfg.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

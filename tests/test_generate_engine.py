@@ -1,0 +1,175 @@
+"""The generation engine on a tiny random LLaMA, against plain HF `generate` one prompt at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lorakit.errors import MismatchError
+from lorakit.generate import GenerationParams, Request, generate_batch, run_batch
+from lorakit.generate.config import EngineOptions
+from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
+from lorakit.models import load_model_and_tokenizer
+from test_generate_helpers import hf_greedy, make_adapter
+
+PROMPTS = ["Hello", "The weather in Paris is", "A much longer prompt that needs left padding in a batch of three"]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir)), gather_ms=50)
+    yield e
+    e.close()
+
+
+def ids_of(tok, text):
+    return list(tok(text)["input_ids"])
+
+
+def test_generate_batch_equals_one_prompt_at_a_time(model_tok):
+    model, tok = model_tok
+    out = generate_batch(model, tok, PROMPTS, GenerationParams(max_new_tokens=12))
+    assert out == [hf_greedy(model, tok, ids_of(tok, p), 12) for p in PROMPTS]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model_tok):
+    model, tok = model_tok
+    params = [GenerationParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=5),
+              GenerationParams(max_new_tokens=14, temperature=1.2, top_k=20, seed=7, repetition_penalty=1.2),
+              GenerationParams(max_new_tokens=8)]
+    together = [Request(ids_of(tok, p), q) for p, q in zip(PROMPTS, params, strict=True)]
+    run_batch(model, tok, together)
+    for r in together:
+        alone = Request(r.prompt_ids, r.params)
+        run_batch(model, tok, [alone])
+        assert alone.text == r.text and alone.completion_tokens == r.completion_tokens == r.params.max_new_tokens
+    assert together[2].text == hf_greedy(model, tok, together[2].prompt_ids, 8)
+    other_seed = Request(together[0].prompt_ids, GenerationParams(max_new_tokens=10, temperature=0.9, seed=6))
+    run_batch(model, tok, [other_seed])
+    assert other_seed.text != together[0].text
+
+
+def test_beam_search_equals_hf_beam_search(model_tok):
+    model, tok = model_tok
+    ids = ids_of(tok, PROMPTS[1])
+    r = Request(ids, GenerationParams(max_new_tokens=10, num_beams=3))
+    run_batch(model, tok, [r])
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=10, num_beams=3, do_sample=False, early_stopping=True,
+                             pad_token_id=tok.pad_token_id)
+    assert r.text == tok.decode(ref[0, len(ids):], skip_special_tokens=True)
+
+
+def test_stop_strings_and_length_limit(model_tok):
+    model, tok = model_tok
+    ids = ids_of(tok, PROMPTS[0])
+    full = hf_greedy(model, tok, ids, 16)
+    stop = full.split()[2]  # a word the model is about to produce
+    r = Request(ids, GenerationParams(max_new_tokens=16, stop=[stop]))
+    run_batch(model, tok, [r])
+    assert r.text == full[:full.index(stop)] and r.finish_reason == "stop"
+    r = Request(ids, GenerationParams(max_new_tokens=5))
+    run_batch(model, tok, [r])
+    assert r.finish_reason == "length" and r.completion_tokens == 5
+
+
+def test_engine_stream_complete_and_template(engine, model_tok):
+    model, tok = model_tok
+    assert engine.prompter.name == "alpaca"  # no chat template on this tokenizer -> alpaca
+    assert next(engine.model.parameters()).dtype == torch.float32
+    ids = engine.instruction_ids("Name three colors.")
+    assert ids == ids_of(tok, engine.prompter.generate_prompt("Name three colors."))
+    params = GenerationParams(max_new_tokens=12)
+    chunks = list(engine.stream(ids, params))
+    assert len(chunks) > 1
+    assert "".join(chunks) == engine.complete(ids, params).text == hf_greedy(model, tok, ids, 12)
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(engine, model_tok):
+    model, tok = model_tok
+    prompts = [engine.instruction_ids(f"Item number {i}") for i in range(8)]
+    results: dict[int, str] = {}
+    start = threading.Barrier(8)
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = engine.complete(prompts[i], GenerationParams(max_new_tokens=10 + i)).text
+
+    before = len(engine.batch_sizes)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(engine.batch_sizes[before:]) > 1  # arrived together -> shared forward passes
+    for i in range(8):
+        assert results[i] == hf_greedy(model, tok, prompts[i], 10 + i)
+
+
+def test_closing_a_stream_cancels_generation(engine):
+    ids = engine.instruction_ids("Write a long story.")
+    stream = engine.stream(ids, GenerationParams(max_new_tokens=500))
+    it = iter(stream)
+    next(it)
+    stream.close()
+    assert stream.request.finished.wait(10)
+    assert stream.request.finish_reason == "cancelled" and stream.request.completion_tokens < 50
+
+
+def test_prompt_too_long_is_refused(engine):
+    with pytest.raises(PromptTooLongError, match="context"):
+        engine.submit([5] * 1000, GenerationParams(max_new_tokens=100))
+
+
+def test_adapters_selectable_by_name_and_merged(tiny_model_dir, tmp_path, model_tok):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = model_tok
+    a = make_adapter(tiny_model_dir, tmp_path / "alpha", seed=1)
+    b = make_adapter(tiny_model_dir, tmp_path / "beta", seed=2, targets=("q_proj", "k_proj", "gate_proj"))
+    opts = EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(a), f"second={b}"], merge=False)
+    e = Engine.load(opts)
+    try:
+        assert e.model_names == [tiny_model_dir.name, "alpha", "second"]
+        ids = e.instruction_ids("Hello")
+        params = GenerationParams(max_new_tokens=10)
+        got = {name: e.complete(ids, params, e.resolve_model(name)).text for name in e.model_names}
+        with pytest.raises(UnknownModelError):
+            e.resolve_model("nope")
+    finally:
+        e.close()
+    assert got[tiny_model_dir.name] == hf_greedy(model, tok, ids, 10)
+    for name, folder in (("alpha", a), ("second", b)):
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder)).eval()
+        assert got[name] == hf_greedy(ref, tok, ids, 10), name
+    assert len(set(got.values())) == 3
+    merged = Engine.load(EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(a)]))
+    assert merged.model_names == ["alpha"] and not hasattr(merged.model, "peft_config")
+    assert merged.complete(ids, params).text == got["alpha"]
+    merged.close()
+
+
+def test_mismatched_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    from tiny_models import make_tiny_llama
+
+    small = make_tiny_llama(tmp_path / "small", hidden_size=32, intermediate_size=64)
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(small)
+        m.resize_token_embeddings(1000)
+        m.save_pretrained(small)
+    with pytest.raises(MismatchError, match="tokenizer has"):
+        Engine.load(EngineOptions(base_model=str(small)))
+    time.sleep(0)
