@@ -10,7 +10,9 @@ vocab_size equals the tokenizer's.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from lorakit.data import read_text_documents
 from lorakit.errors import DataError
@@ -55,6 +57,33 @@ def make_blocks(stream: Sequence[int], block_size: int) -> list[Block]:
     return blocks
 
 
+def drop_redundant_embedding_copies(adapter_dir: str | Path) -> int:
+    """Remove the extra copies of embed_tokens/lm_head that peft adds to a resized-vocab adapter.
+
+    peft (0.21) sets `save_embedding_layers=True` when it sees the vocabulary was resized and then
+    saves every state-dict entry of those layers: besides the trained `lm_head.weight` (the
+    modules_to_save copy, which is what peft loads) come `lm_head.modules_to_save.weight` (the same
+    tensor) and `lm_head.original_module.weight` (the untrained resized base), tripling the file and
+    confusing tools that read tensor names. Returns the number of tensors removed.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        redundant = {k for k in keys if ".original_module." in k
+                     or (".modules_to_save." in k and k.replace(".modules_to_save.", ".") in keys)}
+        if not redundant:
+            return 0
+        tensors = {k: f.get_tensor(k) for k in sorted(keys - redundant)}
+        metadata = f.metadata()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return len(redundant)
+
+
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     from transformers import default_data_collator
 
@@ -84,7 +113,10 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
             if name not in cfg.modules_to_save:
                 cfg.modules_to_save.append(name)
     # Blocks all have the same length: stacking them needs no padding and no packing.
-    return train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
+    summary = train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
+    if is_main_process() and drop_redundant_embedding_copies(summary.output_dir):
+        log.info("removed peft's duplicate embedding tensors from the adapter file")
+    return summary
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:

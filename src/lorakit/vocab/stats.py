@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-Span = tuple[int, int, str]  # (first char, end char, kind: "piece" | "byte" | "unk")
+Span = tuple[int, int, str]  # (first char, end char, kind: "piece" | "space" | "byte" | "unk")
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _SCRIPT_NAMES = {"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul"}
 
@@ -35,6 +35,11 @@ def char_class(ch: str) -> str:
     if cat[0] == "S":
         return "symbols"
     return "other"
+
+
+def _is_space(piece: str) -> bool:
+    """A piece made only of whitespace ("▁" is sentencepiece's space, "Ġ"/"Ċ" byte-level BPE's)."""
+    return bool(piece) and all(ch in "\u2581\u0120\u010a" or ch.isspace() for ch in piece)
 
 
 class SentencePieceView:
@@ -64,7 +69,8 @@ class SentencePieceView:
         char_at[pos] = len(text)
         out = []
         for p in self.sp.encode(text, return_type="proto").pieces:
-            kind = "unk" if self.sp.is_unknown(p.id) else "byte" if self.sp.is_byte(p.id) else "piece"
+            kind = "unk" if self.sp.is_unknown(p.id) else "byte" if self.sp.is_byte(p.id) else \
+                "space" if _is_space(p.piece) else "piece"
             start = char_at.get(p.begin, len(text))
             out.append((start, max(char_at.get(p.end, start), start), kind))
         return out
@@ -88,9 +94,11 @@ class HFTokenizerView:
 
     def spans(self, text: str) -> list[Span]:
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        unk = self.tok.unk_token_id
-        return [(s, max(e, s), "unk" if i == unk else "byte" if i in self._byte_ids else "piece")
-                for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+        unk, ids = self.tok.unk_token_id, enc["input_ids"]
+        pieces = self.tok.convert_ids_to_tokens(ids)
+        return [(s, max(e, s), "unk" if i == unk else "byte" if i in self._byte_ids else
+                 "space" if _is_space(piece) else "piece")
+                for i, piece, (s, e) in zip(ids, pieces, enc["offset_mapping"], strict=True)]
 
 
 def load_view(spec: str) -> SentencePieceView | HFTokenizerView:
@@ -135,10 +143,13 @@ def measure(view: SentencePieceView | HFTokenizerView, lines: Iterable[str]) -> 
         stats.chars.update(classes)
         for start, end, kind in view.spans(line):
             cls = "whitespace"
-            for i in range(start, max(end, start + 1)):
-                if i < len(line) and classes[i] != "whitespace":
-                    cls = classes[i]
-                    break
+            if kind == "space":  # "▁" pieces, including the dummy prefix that covers no character
+                pass
+            elif end <= start:  # sentencepiece: the leading byte pieces of a character have empty spans
+                if start < len(line):
+                    cls = classes[start]
+            else:
+                cls = next((c for c in classes[start:end] if c != "whitespace"), "whitespace")
             stats.tokens[cls] += 1
             stats.unk += kind == "unk"
             stats.byte += kind == "byte"
