@@ -104,7 +104,7 @@ def test_duplicate_filter_matches_naive_all_pairs(threshold):
     rng = random.Random(int(threshold * 10))
     vocab = [f"w{i}" for i in range(40)] + list("天地人和山水风")
     texts: list[str] = []
-    for _ in range(400):
+    for _ in range(300):
         if texts and rng.random() < 0.5:  # a mutated copy of an earlier text
             words = rng.choice(texts).split()
             for _ in range(rng.randrange(0, 4)):
@@ -129,7 +129,7 @@ def test_duplicate_filter_matches_naive_all_pairs(threshold):
             expected = "duplicate" if text.strip() in kept_raw else None
         elif any(toks == k for k in kept):
             expected = "duplicate"
-        elif any(2 * _dp_lcs(toks, k) / (len(toks) + len(k)) > threshold for k in kept):
+        elif threshold < 1.0 and any(2 * _dp_lcs(toks, k) / (len(toks) + len(k)) > threshold for k in kept):
             expected = "similar"
         else:
             expected = None

@@ -149,7 +149,7 @@ class _Generator:
                     continue
             st.dropped[reason] += 1
         if self.progress is not None:
-            self.progress.set_postfix(req=st.requests, dropped=sum(st.dropped.values()),
+            self.progress.set_postfix(kept=st.kept, req=st.requests, dropped=sum(st.dropped.values()),
                                       unparseable=st.unparseable, retries=sum(self.client.retries.values()),
                                       refresh=False)
 
@@ -245,12 +245,20 @@ def _api_key(cfg: SelfInstructConfig) -> str:
     return "EMPTY"
 
 
+# HTTP client libraries log every request at INFO: that would bury the progress bar.
+_CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai")
+
+
 def run_self_instruct(cfg: SelfInstructConfig) -> int:
     key = _api_key(cfg)
     handlers = logging.getLogger().handlers
     redact = _RedactFilter(key)
     for handler in handlers:
         handler.addFilter(redact)
+    quiet = [lg for lg in map(logging.getLogger, _CHATTY_LOGGERS) if lg.level == logging.NOTSET]
+    if log.getEffectiveLevel() > logging.DEBUG:
+        for logger in quiet:
+            logger.setLevel(logging.WARNING)
     try:
         try:
             stats = generate(cfg, key)
@@ -268,3 +276,5 @@ def run_self_instruct(cfg: SelfInstructConfig) -> int:
     finally:
         for handler in handlers:
             handler.removeFilter(redact)
+        for logger in quiet:
+            logger.setLevel(logging.NOTSET)
