@@ -240,6 +240,7 @@ def test_misbehaving_server_exact_counts(tmp_path):
     assert {r["auth"] for r in server.requests} == {f"Bearer {SECRET}"}
     assert SECRET not in res.stdout + res.stderr
     assert "retry" in res.stderr  # the DEBUG log did run
+    assert "self-instruct: 100%" in res.stderr and "12/12" in res.stderr  # the progress bar
     # Retry-After honored: the request after the 429 came >= 1 s later; a plain backoff is far shorter
     times = [r["time"] for r in server.requests]
     assert times[2] - times[1] >= 0.95
@@ -279,6 +280,24 @@ def test_resume_primes_dedup_and_repairs_partial_line(tmp_path):
         st = generate(cfg, SECRET, progress=False)
         assert (st.existing, st.kept, st.requests, len(server.requests)) == (10, 0, 0, 0)
     assert len(read_examples(out)[0]) == 10
+
+
+def test_seed_tasks_are_shown_and_never_copied(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seed_items = [item("Suggest a name for a bakery", "Crumb & Co."),
+                  {"instruction": "Is this review positive?", "instances": [{"input": "Great!", "output": "Yes"}]}]
+    seeds.write_text("".join(json.dumps(x) + "\n" for x in seed_items))
+    new = item("Describe the smell of rain in one sentence", "Earthy and fresh.")
+    script = [{"text": json.dumps([item("Suggest a name for a bakery!", "Flour Power"), new])}]
+    out = tmp_path / "gen.jsonl"
+    with FakeOpenAI(script) as server:
+        cfg = SelfInstructConfig(api_base=server.url, model="m", num_examples=1, output=str(out),
+                                 seed_tasks=str(seeds), concurrency=1)
+        st = generate(cfg, SECRET, progress=False)
+    assert (st.kept, st.dropped["duplicate"]) == (1, 1)
+    assert lines_of(out) == [new]
+    prompt = server.requests[0]["body"]["messages"][0]["content"]
+    assert "Suggest a name for a bakery" in prompt and "Is this review positive?" in prompt
 
 
 def test_concurrency_and_exact_stop(tmp_path):
