@@ -50,3 +50,15 @@ def test_make_adapter_changes_the_model(tiny_model_dir, tmp_path):
     before = base(ids).logits
     tuned = PeftModel.from_pretrained(base, str(adapter))
     assert (tuned(ids).logits - before).abs().max() > 0.1
+
+
+_CHAT_MODEL: dict[str, Path] = {}
+
+
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny LLaMA with a ChatML chat template, built once per test process (shared by several files)."""
+    if "path" not in _CHAT_MODEL:
+        from tiny_models import make_tiny_llama
+
+        _CHAT_MODEL["path"] = make_tiny_llama(tmp_path_factory.mktemp("chat") / "tiny-chat", chat=True)
+    return _CHAT_MODEL["path"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TextIO
 
@@ -38,6 +39,8 @@ def respond(engine: Engine, prompt_ids: list[int], params: GenerationParams, str
 def interactive(engine: Engine, params: GenerationParams, stream: bool, out: TextIO = sys.stdout) -> None:
     """A multi-turn session: history is kept (and trimmed from the oldest turns to fit the context)."""
     print(f"lorakit chat with {engine.default_model} (template {engine.prompter.name}). {HELP}", file=out, flush=True)
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input(); also puts the prompt on stdout)
     history: list[dict[str, str]] = []
     while True:
         try:

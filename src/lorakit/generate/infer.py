@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.readers import iter_records, parse_record
-from lorakit.errors import DataError, DataErrors, LorakitError
+from lorakit.errors import DataError, LorakitError
 from lorakit.generate.config import InferConfig
 from lorakit.generate.runner import Engine
 
@@ -28,9 +28,9 @@ def prompt_source(obj: Any, path: Path, line: int) -> dict[str, Any]:
         raise DataError(path, line, None, f"a record must be a JSON object, got {type(obj).__name__}")
     probe = dict(obj)
     if "messages" in probe and isinstance(probe["messages"], list):
-        probe["messages"] = [*probe["messages"], {"role": "assistant", "content": ""}]
+        probe["messages"] = [*probe["messages"], {"role": "assistant", "content": "-"}]
     elif "conversations" in probe and isinstance(probe["conversations"], list):
-        probe["conversations"] = [*probe["conversations"], {"from": "gpt", "value": ""}]
+        probe["conversations"] = [*probe["conversations"], {"from": "gpt", "value": "-"}]
     elif "instruction" in probe:
         probe["output"] = "-"  # the answer is what we generate; only instruction/input are checked
     example = parse_record(probe, path, line)
@@ -59,7 +59,10 @@ def read_inputs(path: Path, limit: int = 0) -> list[tuple[dict[str, Any], dict[s
         if limit and len(items) >= limit:
             break
     if errors:
-        raise DataErrors(errors)
+        shown = "\n".join(str(e) for e in errors[:10])
+        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise LorakitError(f"{len(errors)} invalid record(s) (each needs a response, so none is skipped):\n"
+                           f"{shown}{more}")
     if not items:
         raise DataError(path, None, None, "no records")
     return items
