@@ -77,7 +77,7 @@ class ChatClient:
         self.retries: Counter[str] = Counter()  # reason -> count ("429", "5xx", "timeout", "connection", ...)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if len(self._secret) >= 4 else text
+        return text.replace(self._secret, "***") if len(self._secret) >= 6 else text
 
     def _classify(self, exc: Exception) -> tuple[str | None, float | None, str]:
         """(retry reason or None if not retryable, server-requested delay, message)."""
