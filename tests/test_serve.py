@@ -1,0 +1,178 @@
+"""`lorakit serve` as clients use it: the official `openai` client, raw HTTP for bad bodies, 16 concurrent
+requests and a client that disconnects. Answers are checked against HF generate run here, independently."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model
+
+KEY = "sk-test-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = tiny_chat_model(tmp_path_factory)
+    root = tmp_path_factory.mktemp("adapters")
+    alpha = make_adapter(model_dir, root / "alpha", seed=3)
+    port = free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base-model", str(model_dir),
+                             "--lora-weights", f"alpha={alpha}", "--port", str(port), "--api-key", KEY,
+                             "--gather-ms", "100"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("server did not start:\n" + (root / "server.log").read_text())
+        time.sleep(0.3)
+    yield {"url": url, "model_dir": model_dir, "alpha": alpha, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def refs(server):
+    """Reference greedy replies, computed in this process with plain transformers/peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server["model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(server["model_dir"]).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(server["model_dir"]),
+                                      str(server["alpha"])).eval()
+
+    def chat(text: str, n: int, adapter: bool = False) -> tuple[str, int]:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+        return hf_greedy(tuned if adapter else base, tok, list(ids), n).strip(), len(ids)
+
+    def complete(prompt: str, n: int) -> str:
+        return hf_greedy(base, tok, list(tok(prompt)["input_ids"]), n)
+
+    return {"chat": chat, "complete": complete}
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_models_lists_base_and_adapters(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat", "alpha"]
+
+
+def test_chat_completion_matches_reference(client, refs):
+    for model, adapter in (("tiny-chat", False), ("alpha", True)):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
+                                           temperature=0, max_tokens=8)
+        expected, n_prompt = refs["chat"]("Hi there", 8, adapter)
+        assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+        assert r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 8, n_prompt + 8)
+
+
+def test_chat_streaming(client, refs):
+    stream = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Stream me"}],
+                                            temperature=0, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas).strip() == refs["chat"]("Stream me", 10)[0]
+    assert sum(1 for d in deltas if d.content) > 1  # really streamed, not one piece
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_completions_plain_and_streaming(client, refs):
+    expected = refs["complete"]("Once upon a time", 9)
+    r = client.completions.create(model="tiny-chat", prompt="Once upon a time", temperature=0, max_tokens=9)
+    assert r.choices[0].text == expected and r.usage.completion_tokens == 9
+    pieces = client.completions.create(model="tiny-chat", prompt="Once upon a time", temperature=0, max_tokens=9,
+                                       stream=True)
+    assert "".join(p.choices[0].text for p in pieces) == expected
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "tiny-chat"}, 400, "messages"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "not served"),
+    ({"messages": [{"role": "user", "content": "word " * 1200}]}, 400, "context"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 99999}, 400, "limit"),
+    ("{not json", 400, ""),
+])
+def test_invalid_bodies_get_openai_errors(server, body, status, needle):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=content, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and "type" in error
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_sixteen_concurrent_clients_are_batched(client, refs, server):
+    prompts = [f"Question number {i}?" for i in range(16)]
+
+    def ask(p: str) -> str:
+        r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": p}],
+                                           temperature=0, max_tokens=6)
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert answers == [refs["chat"](p, 6)[0] for p in prompts]
+    assert httpx.get(server["url"] + "/health").json()["max_batch_size"] > 1
+
+
+def test_client_disconnect_stops_generation(server):
+    def cancelled() -> int:
+        return httpx.get(server["url"] + "/health").json()["finished"].get("cancelled", 0)
+
+    before = cancelled()
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Tell a very long story"}],
+            "max_tokens": 900, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")]
+        assert got
+    # the response was closed after a few chunks: the generation must end as "cancelled", not run on
+    deadline = time.monotonic() + 30
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "generation was not cancelled"
+        time.sleep(0.2)
