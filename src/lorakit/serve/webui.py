@@ -89,6 +89,7 @@ def build_demo(engine: Engine, defaults: GenerationParams | None = None):
             temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.01, label="Top p")
             top_k = gr.Slider(0, 100, value=d.top_k, step=1, label="Top k")
+        with gr.Row():
             beams = gr.Slider(1, 4, value=d.num_beams, step=1, label="Beams")
             max_tokens = gr.Slider(1, 2048, value=d.max_new_tokens, step=1, label="Max tokens")
             stream = gr.Checkbox(value=True, label="Stream output")

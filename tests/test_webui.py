@@ -1,0 +1,81 @@
+"""The Gradio page in a real headless Chromium (Debian's package, driven by Playwright): type an instruction,
+press Submit, watch the text stream in, and check it against HF generate run here."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_generate_helpers import hf_greedy, tiny_chat_model
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SETUP = Path(__file__).resolve().parents[1] / "scripts" / "setup.d" / "30-chromium.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(CHROMIUM).exists() and shutil.which("apt-get"):
+        subprocess.run(["bash", str(SETUP)], check=True, timeout=900)  # the same idempotent set-up as `make test`
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: run {SETUP}"
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    from lorakit.generate import GenerationParams
+    from lorakit.generate.config import EngineOptions
+    from lorakit.generate.runner import Engine
+    from lorakit.serve.webui import build_demo
+
+    model_dir = tiny_chat_model(tmp_path_factory)
+    engine = Engine.load(EngineOptions(base_model=str(model_dir)))
+    demo = build_demo(engine, GenerationParams(max_new_tokens=60, temperature=0.0))
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", engine, model_dir
+    demo.close()
+    engine.close()
+
+
+def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    url, engine, model_dir = page_url
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Describe a llama."}], tokenize=True,
+                                  add_generation_prompt=True, return_dict=True)["input_ids"]
+    expected = hf_greedy(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tok, list(ids), 60).strip()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+        page.locator("#instruction textarea").fill("Describe a llama.")
+        # record every distinct value the output box takes while the response streams in
+        page.evaluate("""() => { window.__seen = []; setInterval(() => {
+            const box = document.querySelector('#output textarea');
+            const v = box ? box.value : '';
+            if (v && window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 5); }""")
+        page.locator("#submit").click()
+        page.wait_for_function("(want) => (document.querySelector('#output textarea') || {}).value === want",
+                               arg=expected, timeout=60_000)
+        seen = page.evaluate("() => window.__seen")
+        page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
+        browser.close()
+    assert seen[-1] == expected
+    assert len(seen) >= 2 and all(expected.startswith(v.strip()) for v in seen)  # grew piece by piece
+    assert (tmp_path / "webui.png").stat().st_size > 10_000
+    print(f"screenshot: {tmp_path / 'webui.png'} ({len(seen)} streamed states)")
