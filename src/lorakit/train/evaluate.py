@@ -43,16 +43,23 @@ def masked_loss(model, tokenizer, features: list[dict], micro_batch_size: int = 
     return total / max(count, 1), count
 
 
-def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch_size: int = 8) -> float:
-    """Share of examples whose greedy response equals the reference output (whitespace-trimmed)."""
-    hits = 0
+def greedy_responses(model, tokenizer, prompter, examples, max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """The model's greedy response to each example's prompt (everything before its last assistant turn)."""
+    responses: list[str] = []
+    params = GenerationParams(max_new_tokens=max_new_tokens, stop=prompter.stop_strings)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         prompts = [prompter.chat_prompt(ex.messages[:-1]) for ex in chunk]
-        params = GenerationParams(max_new_tokens=max_new_tokens, stop=prompter.stop_strings)
+        # chat templates spell out their special tokens; alpaca templates rely on the tokenizer's BOS
         outputs = generate_batch(model, tokenizer, prompts, params, add_special_tokens=prompter.kind != "chat")
-        hits += sum(prompter.get_response(o).strip() == ex.messages[-1]["content"].strip()
-                    for o, ex in zip(outputs, chunk, strict=True))
+        responses.extend(prompter.get_response(o) for o in outputs)
+    return responses
+
+
+def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch_size: int = 8) -> float:
+    """Share of examples whose greedy response equals the reference output (whitespace-trimmed)."""
+    responses = greedy_responses(model, tokenizer, prompter, examples, max_new_tokens, batch_size)
+    hits = sum(r.strip() == ex.messages[-1]["content"].strip() for r, ex in zip(responses, examples, strict=True))
     return hits / max(len(examples), 1)
 
 

@@ -1,0 +1,70 @@
+"""Dataclass options -> flags and YAML configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lorakit.cli import COMMANDS, build_parser, main
+from lorakit.config import build_config, config_from_args
+from lorakit.errors import ConfigError
+from lorakit.train.config import FinetuneConfig
+
+
+def _parse(argv: list[str]) -> FinetuneConfig:
+    args = build_parser().parse_args(["finetune", *argv])
+    return config_from_args(FinetuneConfig, args, args.config)
+
+
+def test_kebab_flags_booleans_and_lists():
+    cfg = _parse(["--data-path", "d.json", "--no-train-on-inputs", "--lora-target-modules", "q_proj,k_proj",
+                  "v_proj", "--micro-batch-size", "2", "--batch-size", "8", "--learning-rate", "1e-4"])
+    assert cfg.train_on_inputs is False and cfg.add_eos_token is True
+    assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (cfg.micro_batch_size, cfg.batch_size, cfg.learning_rate) == (2, 8, 1e-4)
+    # untouched options keep alpaca-lora's defaults
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.cutoff_len, cfg.val_set_size) == (8, 16, 256, 2000)
+
+
+def test_yaml_config_with_flag_override(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("data-path: a.json\nlora_r: 4\ntrain_on_inputs: false\nlearning_rate: 0.001\n")
+    cfg = _parse([str(path), "--lora-r", "16"])
+    assert cfg.data_path == "a.json" and cfg.lora_r == 16 and cfg.train_on_inputs is False
+    assert cfg.learning_rate == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("data_path: a.json\nlora_rank: 4\n", "unknown option(s): --lora-rank"),
+    ("data_path: a.json\nlora_r: four\n", "--lora-r: invalid value 'four'"),
+    ("data_path: a.json\nbatch_size: 10\nmicro_batch_size: 4\n", "multiple of --micro-batch-size"),
+    ("- a\n- b\n", "a config must be a mapping"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _parse([str(path)])
+
+
+def test_missing_data_path_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--base-model", "x"])
+    assert e.value.code == 2
+    assert "--data-path" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([*name.split(), "--help"])
+        assert e.value.code == 0
+        assert "usage: lorakit " + name in capsys.readouterr().out
+
+
+def test_every_field_is_documented():
+    config = FinetuneConfig(data_path="x")
+    for f in dataclasses.fields(config):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+    assert build_config(FinetuneConfig, {"data_path": "x"}) == config
