@@ -121,6 +121,11 @@ def test_default_mode_adds_only_pieces_with_new_characters(shared_data, merged):
     for p in added:
         new_chars = {c for c in p.piece if c not in covered}
         assert new_chars and all(ord(c) >= 128 for c in new_chars), p.piece
+    # fullwidth punctuation, which the NFKC-normalized Chinese model never saw, is one token, not 3 bytes
+    sp = _sp(merged.output_dir / "tokenizer.model")
+    assert merged.selection.fullwidth > 80
+    pieces = [sp.id_to_piece(i) for i in sp.encode("你好，世界！（测试）")]
+    assert {"，", "！", "（", "）"} <= set(pieces) and not any(p.startswith("<0x") for p in pieces), pieces
 
 
 def test_keep_all_adds_every_missing_piece(shared_data, merged_keep_all, texts):

@@ -53,6 +53,8 @@ class VocabMergeConfig:
                                 "characters, scored below the base's, so existing text keeps its ids")
     protect_ascii: bool = opt(True, "default mode: never add a piece that would give an ASCII character (code "
                                     "braces, backslash, ...) a new token, even where the base uses byte fallback")
+    fullwidth_variants: bool = opt(True, "default mode: also add fullwidth punctuation/letters (，：（）...) when "
+                                         "the extra model folded them away with NFKC normalization")
     sample_text: list[str] = opt([], "text file(s) for the report (tokens per character by script, round trip); "
                                      "default: a small built-in mixed sample")
     max_sample_lines: int = opt(2000, "lines read from each --sample-text file")

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class Selection:
     only_covered_chars: int = 0
     new_ascii_char: int = 0
     not_normal: int = 0
+    fullwidth: int = 0  # fullwidth forms added for an NFKC-normalizing extra model (see select_pieces)
 
 
 def covered_chars(proto: Any) -> set[str]:
@@ -63,12 +65,17 @@ def covered_chars(proto: Any) -> set[str]:
     return {ch for p in proto.pieces if p.type in (NORMAL, USER_DEFINED) for ch in p.piece}
 
 
-def select_pieces(base: Any, extra: Any, keep_all: bool = False, protect_ascii: bool = True) -> Selection:
+def select_pieces(base: Any, extra: Any, keep_all: bool = False, protect_ascii: bool = True,
+                  fullwidth_variants: bool = True) -> Selection:
     """Which extra pieces to append, with their scores.
 
     keep_all: every NORMAL piece the base lacks, score 0 (Chinese-LLaMA's merge_tokenizers.py).
     default: only pieces with a character outside `covered_chars(base)` (and, with protect_ascii, no
     uncovered ASCII character), scored below the lowest base score in the extra model's order.
+    fullwidth_variants (default mode): an extra model trained with NFKC normalization (Chinese-LLaMA's
+    is) never saw fullwidth punctuation such as "，：（）", which NFKC folds to ASCII; the merged model
+    keeps the base's normalization, so those characters would cost 3 byte tokens each. Each fullwidth
+    form U+FF01..U+FF5E whose folded character is an extra piece is added as a one-character piece.
     """
     sel = Selection()
     base_pieces = {p.piece for p in base.pieces}
@@ -94,6 +101,13 @@ def select_pieces(base: Any, extra: Any, keep_all: bool = False, protect_ascii: 
             else:
                 sel.added.append((p.piece, lowest - 1.0 - len(sel.added)))
                 base_pieces.add(p.piece)
+    if fullwidth_variants and not keep_all and "nfkc" in extra.normalizer_spec.name.lower():
+        extra_pieces = {p.piece for p in extra.pieces if p.type == NORMAL}
+        for cp in range(0xFF01, 0xFF5F):
+            ch = chr(cp)
+            if ch not in covered and ch not in base_pieces and unicodedata.normalize("NFKC", ch) in extra_pieces:
+                sel.added.append((ch, lowest - 1.0 - len(sel.added)))
+                sel.fullwidth += 1
     return sel
 
 
@@ -168,7 +182,8 @@ class MergeResult:
 
 
 def merge_tokenizers(base_tokenizer: str, extra_sp_model: str, output_dir: str, keep_all: bool = False,
-                     protect_ascii: bool = True, overwrite: bool = False) -> MergeResult:
+                     protect_ascii: bool = True, fullwidth_variants: bool = True,
+                     overwrite: bool = False) -> MergeResult:
     """Write `output_dir` with the merged `tokenizer.model` and Hugging Face tokenizer files."""
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -194,7 +209,8 @@ def merge_tokenizers(base_tokenizer: str, extra_sp_model: str, output_dir: str, 
         piece = base.pieces.add()
         piece.piece, piece.score, piece.type = t["content"], 0.0, CONTROL if t.get("special") else USER_DEFINED
 
-    sel = select_pieces(base, extra, keep_all=keep_all, protect_ascii=protect_ascii)
+    sel = select_pieces(base, extra, keep_all=keep_all, protect_ascii=protect_ascii,
+                        fullwidth_variants=fullwidth_variants)
     for text, s in sel.added:
         piece = base.pieces.add()
         piece.piece, piece.score, piece.type = text, s, NORMAL

@@ -77,6 +77,8 @@ def format_report(result: MergeResult, check: MergeCheck, keep_all: bool) -> str
            + ("" if keep_all else f", {sel.only_covered_chars} made only of characters the base covers, "
                                   f"{sel.new_ascii_char} with a new ASCII character")
            + f", {sel.not_normal} control/byte/unknown"]
+    if sel.fullwidth:
+        out.append(f"fullwidth forms added (folded away by the extra model's NFKC normalization): {sel.fullwidth}")
     if result.moved_added_tokens:
         out.append(f"added tokens kept at their ids: {', '.join(result.moved_added_tokens)}")
     out.append(f"\ntokens per character on {check.lines} sample lines (before / after):")
@@ -97,11 +99,12 @@ def run_vocab_merge(cfg) -> int:  # cfg: VocabMergeConfig
     from lorakit.vocab.merge import merge_tokenizers
 
     result = merge_tokenizers(cfg.base_tokenizer, cfg.extra_sp_model, cfg.output_dir, keep_all=cfg.keep_all,
-                              protect_ascii=cfg.protect_ascii, overwrite=cfg.overwrite)
+                              protect_ascii=cfg.protect_ascii, fullwidth_variants=cfg.fullwidth_variants,
+                              overwrite=cfg.overwrite)
     base_file = Path(cfg.base_tokenizer)
     base_file = base_file / "tokenizer.model" if base_file.is_dir() else base_file
     lines = read_text_lines(cfg.sample_text, cfg.max_sample_lines) if cfg.sample_text else \
         BUILTIN_SAMPLE + sample_from_pieces(result)
-    check = check_merge(base_file, result, lines, protect_ascii=cfg.protect_ascii and not cfg.keep_all)
+    check = check_merge(base_file, result, lines, protect_ascii=cfg.protect_ascii)
     print(format_report(result, check, cfg.keep_all))
     return 0
