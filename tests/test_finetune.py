@@ -65,8 +65,10 @@ def test_finetune_chat_jsonl_with_masking(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     code = run_cli("finetune", "--base-model", model, "--data-path", data, "--output-dir", out, "--prompt-template",
-                   "chat", "--no-train-on-inputs", "--val-set-size", "0", "--max-steps", "2", *FAST)
+                   "chat", "--no-train-on-inputs", "--val-set-size", "0", "--max-steps", "2", "--report-to",
+                   "tensorboard", *FAST)
     assert code == 0 and (out / "adapter_model.safetensors").is_file()
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs were asked for"
 
 
 def test_malformed_data_fails_cleanly(tiny_model_dir, tmp_path, capsys):
