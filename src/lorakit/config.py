@@ -67,7 +67,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif get_origin(tp) is Literal:
             kw.update(choices=list(get_args(tp)))
         elif tp in (int, float):
-            kw["type"] = tp
+            kw.update(type=tp, metavar="N" if tp is int else "X")
         elif tp in (str, Path):
             kw["metavar"] = "PATH" if tp is Path or "path" in f.name or "dir" in f.name else "TEXT"
         else:

@@ -9,7 +9,7 @@ from lorakit.options import ModelOptions, PromptDataOptions
 
 
 @dataclass
-class PreviewConfig(ModelOptions, PromptDataOptions):
+class PreviewConfig(PromptDataOptions, ModelOptions):
     num: int = opt(3, "how many examples to show")
     json: bool = opt(False, "print one JSON object per line with input_ids and labels")
 
