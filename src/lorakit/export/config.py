@@ -1,0 +1,29 @@
+"""Options of `lorakit export` (no torch import here: keeps `lorakit --help` fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lorakit.config import opt
+from lorakit.errors import ConfigError
+
+
+@dataclass
+class ExportConfig:
+    model: str = opt("", "model to export: a Hugging Face folder (e.g. a merged model), a .gguf or an alias")
+    format: Literal["gguf", "pth"] = opt("gguf", "gguf (llama.cpp) or pth (Meta consolidated.NN.pth + params.json)")
+    output: str = opt("", "output .gguf file (gguf) or folder (pth)")
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = opt("f16", "GGUF weight type (norms stay f32); pth keeps "
+                                                                "the model's dtype except with f32/f16/bf16")
+    verify: bool = opt(True, "reload the output (transformers' GGUF loader / lorakit's pth reader) and compare "
+                             "logits with the source model")
+    overwrite: bool = opt(False, "replace an existing output")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("missing required option --model")
+        if not self.output:
+            raise ConfigError("missing required option --output")
+        if self.format == "pth" and self.outtype == "q8_0":
+            raise ConfigError("--outtype q8_0 is only for --format gguf")

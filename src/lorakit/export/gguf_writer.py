@@ -1,0 +1,236 @@
+"""Write an HF LLaMA folder as a GGUF file llama.cpp runs, with the `gguf` package (no llama.cpp checkout).
+
+Tensors are streamed: the header (metadata + tensor infos) is written from the safetensors headers, then
+each tensor is read, permuted (q/k to llama.cpp's interleaved rotary layout, see `layout`), converted
+and written, one at a time. Norms stay F32 (as llama.cpp's converter does); `q8_0` falls back to F16 for
+rows not divisible by the 32-element block. Tied embeddings are written once (llama.cpp reuses
+`token_embd` when `output` is absent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import MismatchError
+from lorakit.export.layout import (
+    IGNORED_HF,
+    check_llama_names,
+    check_supported_config,
+    hf_to_meta_rows,
+    map_hf,
+    rope_theta,
+    rotary_heads,
+)
+from lorakit.merge.safetensors_io import SafetensorsFolder
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger("lorakit")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _ggml_type(outtype: str, shape: list[int]) -> Any:
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype == "q8_0":
+        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
+    return {"f16": Q.F16, "bf16": Q.BF16}[outtype]
+
+
+def _file_type(outtype: str) -> int:
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype]
+
+
+def _encode(w: torch.Tensor, qtype: Any) -> np.ndarray:
+    """Tensor -> the bytes GGUF stores for `qtype` (F32/F16 arrays, BF16/Q8_0 as uint8 rows)."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return w.float().numpy()
+    if qtype == Q.F16:
+        return w.to(torch.float16).numpy()
+    if qtype == Q.BF16:
+        return w.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    return quantize(w.float().numpy(), Q.Q8_0)
+
+
+def _byte_shape(shape: list[int], qtype: Any) -> tuple[tuple[int, ...], Any]:
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if qtype == Q.F32:
+        return tuple(shape), np.float32
+    if qtype == Q.F16:
+        return tuple(shape), np.float16
+    if qtype == Q.BF16:
+        return (*shape[:-1], shape[-1] * 2), np.uint8
+    return quant_shape_to_byte_shape(shape, qtype), np.uint8
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
+    """llama.cpp's name for the pre-tokenizer a byte-level tokenizer.json describes."""
+    pre = json.dumps(tj.get("pre_tokenizer") or {})
+    if '"Digits"' in pre and '"individual_digits": true' in pre and "ByteLevel" in pre:
+        return "smollm"
+    if "\\p{N}{1,3}" in pre:
+        return "llama-bpe"
+    if '"ByteLevel"' in pre and '"use_regex": true' in pre:
+        return "gpt2"
+    log.warning("unknown pre-tokenizer in tokenizer.json; writing 'default' (llama.cpp may split text differently)")
+    return "default"
+
+
+def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
+    """Tokenizer metadata: SentencePiece-style (`llama`: tokens, scores, types) or byte-level BPE
+    (`gpt2`: tokens, types, merges, pre-tokenizer), special ids, add_bos/eos, chat template."""
+    from gguf import TokenType
+
+    from lorakit.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir, add_pad_token=False)
+    n = len(tok)
+    if n > vocab_rows:
+        raise MismatchError(f"{model_dir}: the tokenizer has {n} tokens but the embeddings only {vocab_rows} rows")
+    tj_path = model_dir / "tokenizer.json"
+    tj = json.loads(tj_path.read_text()) if tj_path.is_file() else {}
+    model = tj.get("model", {})
+    byte_level = model.get("type") == "BPE" and not model.get("byte_fallback") and "ByteLevel" in json.dumps(
+        tj.get("pre_tokenizer") or {})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    tokens = tok.convert_ids_to_tokens(list(range(n)))
+    special_ids = set(tok.all_special_ids)
+    added = {i: t for t, i in tok.get_added_vocab().items()}
+    added_special = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
+    types = []
+    for i, t in enumerate(tokens):
+        if i == tok.unk_token_id and not byte_level:
+            types.append(TokenType.UNKNOWN)
+        elif i in special_ids or i in added_special:
+            types.append(TokenType.CONTROL)
+        elif i in added:
+            types.append(TokenType.USER_DEFINED)
+        elif not byte_level and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+    # Embedding rows beyond the tokenizer (vocab padded to a multiple): placeholders llama.cpp skips.
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_rows)]
+    types += [TokenType.UNUSED] * (vocab_rows - n)
+
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(tj))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_spm_scores(model_dir, tokens, merges))
+        writer.add_token_types(types)
+        if merges:
+            writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tok, f"{kind}_token_id")
+        if tid is not None:
+            getattr(writer, f"add_{kind}_token_id")(int(tid))
+    probe = tok("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id)
+    if not byte_level:
+        writer.add_add_space_prefix(bool("Prepend" in json.dumps(tj.get("normalizer") or {})
+                                         or '"prepend_scheme": "always"' in json.dumps(tj.get("pre_tokenizer") or {})
+                                         or not tj))
+    if getattr(tok, "chat_template", None):
+        writer.add_chat_template(tok.chat_template)
+
+
+def _spm_scores(model_dir: Path, tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores: from tokenizer.model when present; else -rank of the merge making each token
+    (llama.cpp's SPM tokenizer merges the best-scoring pair first, i.e. BPE merge order)."""
+    sp_file = model_dir / "tokenizer.model"
+    if sp_file.is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=str(sp_file))
+        return [float(sp.GetScore(i)) if i < sp.vocab_size() else -1000.0 for i in range(len(tokens))]
+    rank = {m.replace(" ", ""): -float(i) for i, m in reversed(list(enumerate(merges)))}
+    return [rank.get(t, 0.0 if len(t) == 1 else -1e6) for t in tokens]
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str | None = None) -> None:
+    """Write the HF LLaMA model in `model_dir` to `out_path` (the caller renames it into place)."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from tqdm import tqdm
+
+    config = json.loads((model_dir / "config.json").read_text())
+    check_supported_config(config, str(model_dir))
+    src = SafetensorsFolder(model_dir)
+    names = [n for n in src.names if not IGNORED_HF.fullmatch(n)]
+    check_llama_names(names, str(model_dir))
+    vocab_rows = src.shape("model.embed_tokens.weight")[0]
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    hidden = int(config["hidden_size"])
+
+    w = GGUFWriter(out_path, "llama")
+    w.add_name(name or config.get("_name_or_path") or model_dir.name)
+    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(rope_theta(config))
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_vocab_size(vocab_rows)
+    w.add_file_type(_file_type(outtype))
+    add_tokenizer(w, model_dir, vocab_rows)
+
+    plan = []
+    for n in names:
+        mapped = map_hf(n)
+        assert mapped is not None
+        shape = src.shape(n)
+        qtype = _ggml_type(outtype, shape)
+        byte_shape, np_dtype = _byte_shape(shape, qtype)
+        nbytes = math.prod(byte_shape) * np.dtype(np_dtype).itemsize
+        w.add_tensor_info(mapped.gguf, byte_shape, np_dtype, nbytes, raw_dtype=qtype)
+        plan.append((n, mapped, qtype))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for n, mapped, qtype in tqdm(plan, desc="writing GGUF", unit="tensor", leave=False):
+            t = src.get(n)
+            heads_for = rotary_heads(mapped.rule, config)
+            if heads_for:
+                t = hf_to_meta_rows(t, heads_for)
+            w.write_tensor_data(_encode(t, qtype))
+    finally:
+        w.close()
+        src.close()

@@ -1,0 +1,34 @@
+"""Options of `lorakit merge` (no torch import here: keeps `lorakit --help` fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lorakit.config import opt
+from lorakit.errors import ConfigError
+
+
+@dataclass
+class MergeConfig:
+    base_model: str = opt("smollm2-135m", "base model: a Hugging Face safetensors folder, a .gguf file or an alias")
+    lora_model: list[str] = opt([], "LoRA adapter folder(s), merged in the given order (comma list)")
+    output_dir: str = opt("", "folder for the merged model (written to a temporary folder, renamed at the end)")
+    output_type: Literal["huggingface", "pth"] = opt("huggingface", "huggingface (sharded safetensors) or pth "
+                                                                    "(Meta consolidated.NN.pth + params.json)")
+    tokenizer: str | None = opt(None, "tokenizer for the merged model (default: the last adapter's, else the base's)")
+    max_shard_size: str = opt("2GB", "largest safetensors shard of the output (huggingface type)")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = opt("auto", "weight type of the output "
+                                                                         "(auto: the base's)")
+    verify: bool = opt(True, "reload the output and compare logits with PEFT's in-memory merge (loads the "
+                             "model in memory: use --no-verify when it does not fit)")
+    overwrite: bool = opt(False, "replace a non-empty --output-dir")
+
+    def validate(self) -> None:
+        if not self.lora_model:
+            raise ConfigError("missing required option --lora-model")
+        if not self.output_dir:
+            raise ConfigError("missing required option --output-dir")
+        from lorakit.merge.safetensors_io import parse_size
+
+        parse_size(self.max_shard_size)

@@ -1,0 +1,106 @@
+"""`lorakit merge`: base + LoRA adapters (in order) -> merged HF safetensors or Meta pth, verified."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.merge.config import MergeConfig
+from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, tokenizer_source
+from lorakit.merge.safetensors_io import StreamingShardWriter, parse_size
+from lorakit.merge.streaming import iter_merged, plan_merge
+
+log = logging.getLogger("lorakit")
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    files: list[str]
+    vocab_size: int
+    seconds: float
+    verify: object | None = None  # lorakit.export.verify.VerifyResult
+
+
+def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, output_type: str = "huggingface",
+                dtype: str = "auto", max_shard_size: str = "2GB", tokenizer: str | None = None,
+                verify: bool = True, overwrite: bool = False) -> MergeResult:
+    """Merge `adapters` into `base_model` tensor by tensor and write `output_dir` atomically."""
+    from tqdm import tqdm
+
+    from lorakit.models import check_vocab_rows, load_tokenizer, resolve_adapter_dir, resolve_model_dir
+
+    start = time.perf_counter()
+    out = Path(output_dir).expanduser()
+    check_output_dir(out, overwrite)  # fail before any work
+    base_dir = resolve_model_dir(base_model)
+    adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
+    plan = plan_merge(base_dir, adapter_dirs, dtype)
+    tok_source = tokenizer_source(tokenizer, adapter_dirs, base_dir)
+    tok = load_tokenizer(base_dir, tok_source, add_pad_token=False)
+    check_vocab_rows(len(tok), plan.vocab_size, what=f"the merged model (tokenizer from {tok_source})")
+    log.info("merging %d adapter(s) into %s: %d tensors, vocab %d", len(adapter_dirs), base_dir,
+             len(plan.tensors), plan.vocab_size)
+
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            merged = tqdm(iter_merged(plan), total=len(plan.tensors), desc="merging", unit="tensor", leave=False)
+            if output_type == "pth":
+                from lorakit.export.pth import write_pth
+
+                files = write_pth(merged, plan.config, tmp)
+            else:
+                writer = StreamingShardWriter(tmp, plan.tensors, parse_size(max_shard_size))
+                try:
+                    for name, tensor in merged:
+                        writer.write(name, tensor)
+                    files = writer.finish()
+                finally:
+                    writer.close()
+                (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+                if (base_dir / "generation_config.json").is_file():
+                    shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
+            copy_tokenizer(tok_source, tmp)
+            result = MergeResult(out, files, plan.vocab_size, 0.0)
+            if verify:
+                result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
+                                             plan.tensors[0].dtype, plan.vocab_size, plan.config)
+    finally:
+        plan.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type: str, st_dtype: str,
+                 vocab_size: int, config: dict):
+    """Logits of the written model vs PEFT's in-memory sequential merge (one model in memory at a time)."""
+    from lorakit.export.verify import compare, logits_of, merged_in_memory, probe_ids, reference_logits
+
+    ids = probe_ids(vocab_size)
+    ref = reference_logits(lambda: merged_in_memory(base_model, adapters), ids)
+    if output_type == "pth":
+        from lorakit.export.pth import load_pth_model
+
+        model = load_pth_model(folder)
+    else:
+        from lorakit.models import load_model
+
+        model = load_model(folder, "float32")
+    got = logits_of(model, ids)
+    del model
+    weight_type = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
+    return compare(ref, got, weight_type, f"merged model ({output_type})")
+
+
+def run_merge(cfg: MergeConfig) -> int:
+    result = merge_model(cfg.base_model, cfg.lora_model, cfg.output_dir, cfg.output_type, cfg.dtype,
+                         cfg.max_shard_size, cfg.tokenizer, cfg.verify, cfg.overwrite)
+    print(f"merged {len(cfg.lora_model)} adapter(s) into {result.output_dir} "
+          f"({len(result.files)} weight file(s), vocab {result.vocab_size}) in {result.seconds:.1f}s")
+    if result.verify is not None:
+        print(f"verify: {result.verify.summary()}")  # type: ignore[attr-defined]
+    return 0

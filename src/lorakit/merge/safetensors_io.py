@@ -1,0 +1,235 @@
+"""Read a sharded safetensors checkpoint lazily and write one tensor at a time.
+
+`SafetensorsFolder` memory-maps one shard at a time (safetensors.safe_open) and hands out tensors by
+name, so a reader never holds more than the tensor it asked for. `StreamingShardWriter` writes a
+sharded checkpoint in the safetensors format whose layout (names, dtypes, shapes, offsets) is planned up
+front: each shard's header is written first, then every tensor's bytes as they arrive. Peak memory is one
+tensor, not one shard (safetensors' `save_file` needs the whole shard in memory). The files are read
+back by the safetensors library itself in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from lorakit.errors import ConfigError, MismatchError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("lorakit")
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype names <-> torch dtype names
+_ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _ST_TO_TORCH[st_dtype])
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    return _TORCH_TO_ST[str(dtype).removeprefix("torch.")]
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / '1.5GiB' / 1000 -> bytes (decimal units like transformers' max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ConfigError(f"--max-shard-size: {text!r} is not a size like 2GB or 500MB")
+    return int(value * units[unit])
+
+
+class SafetensorsFolder:
+    """The tensors of an HF model folder (`model.safetensors` or an index + shards), opened lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE_NAME).is_file():
+            weight_map = None  # type: ignore[assignment]
+        else:
+            found = sorted(p.name for pattern in ("*.bin", "*.pt*") for p in self.folder.glob(pattern))
+            hint = f" (found {', '.join(found[:3])}: convert it to safetensors first)" if found else ""
+            raise ModelNotFoundError(str(self.folder), [f"{SINGLE_NAME} or {INDEX_NAME} in {self.folder}{hint}"])
+        self._info: dict[str, tuple[str, str, list[int]]] = {}  # name -> (file, dtype, shape)
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+        for fname in files:
+            path = self.folder / fname
+            if not path.is_file():
+                raise ModelNotFoundError(fname, [f"shard {path} listed in {INDEX_NAME}"])
+            for name, meta in read_header(path).items():
+                if name != "__metadata__":
+                    self._info[name] = (fname, meta["dtype"], list(meta["shape"]))
+        self._open_file: str | None = None
+        self._handle: Any = None
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names grouped by shard (the order that reads each shard once)."""
+        return sorted(self._info, key=lambda n: (self._info[n][0], _natural_key(n)))
+
+    def shape(self, name: str) -> list[int]:
+        return self._info[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch_dtype(self._info[name][1])
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(d, s) for _, d, s in self._info.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (keeps only its shard mapped; switching shards unmaps the previous one)."""
+        from safetensors import safe_open
+
+        fname = self._info[name][0]
+        if fname != self._open_file:
+            self.close()
+            self._handle = safe_open(str(self.folder / fname), framework="pt")
+            self._open_file = fname
+        return self._handle.get_tensor(name)
+
+    def close(self) -> None:
+        # Dropping the last reference unmaps the file (safe_open has no explicit close).
+        self._handle, self._open_file = None, None
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise MismatchError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise MismatchError(f"{path}: not a safetensors file (bad header size)")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise MismatchError(f"{path}: not a safetensors file (bad header)") from None
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+    return size * math.prod(shape)
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.dtype, self.shape)
+
+
+class StreamingShardWriter:
+    """Write planned tensors, in plan order, into size-limited safetensors shards + an index.
+
+    Usage: `w = StreamingShardWriter(folder, plan, max_shard_bytes)`, then `w.write(name, tensor)` for
+    each planned tensor in order, then `w.finish()`.
+    """
+
+    def __init__(self, folder: Path, plan: list[PlannedTensor], max_shard_bytes: int):
+        self.folder = folder
+        self.shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for t in plan:
+            if self.shards[-1] and size + t.nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(t)
+            size += t.nbytes
+        n = len(self.shards)
+        self.file_names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
+        self._pos = 0
+        self._file: BinaryIO | None = None
+        self._file_index = -1
+
+    def _start_shard(self, i: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in self.shards[i]:
+            header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+        self._file = open(self.folder / self.file_names[i], "wb")  # noqa: SIM115 (closed in _start_shard/finish)
+        self._file.write(struct.pack("<Q", len(blob)))
+        self._file.write(blob)
+        self._file_index = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, t = self._order[self._pos]
+        if name != t.name or list(tensor.shape) != t.shape or st_dtype(tensor.dtype) != t.dtype:
+            raise RuntimeError(f"writer expected {t.name} {t.dtype}{t.shape}, got {name} "
+                               f"{st_dtype(tensor.dtype)}{list(tensor.shape)}")
+        if i != self._file_index:
+            self._start_shard(i)
+        import torch
+
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian on x86/ARM
+        assert self._file is not None
+        self._file.write(memoryview(flat.numpy()))
+        self._pos += 1
+
+    def finish(self) -> list[str]:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.file_names) > 1:
+            weight_map = {t.name: self.file_names[i] for i, t in self._order}
+            total = sum(t.nbytes for _, t in self._order)
+            (self.folder / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        return self.file_names
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in folder.names:
+        yield name, folder.get(name)
+    folder.close()

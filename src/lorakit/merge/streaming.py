@@ -1,0 +1,146 @@
+"""Streaming LoRA merge: plan the output from headers alone, then produce merged tensors one at a time.
+
+`plan_merge` reads only the safetensors headers of the base and the adapters' shapes, checks that each
+adapter fits the base (every target exists, every delta has the target's shape, extended embeddings and
+lm_head agree), and lists the output tensors (name, dtype, shape) with the updated config. `iter_merged`
+then yields each output tensor, computed as
+
+    W = base[name];  for each adapter in order: W = replacement (if saved)  then  W += scale * B @ A
+
+in fp32 and cast to the output dtype. Only the current tensor (and the mapped pages of the current base
+shard) is in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import MismatchError
+from lorakit.export.layout import check_llama_names
+from lorakit.merge.adapters import LoraAdapter, open_adapter
+from lorakit.merge.safetensors_io import PlannedTensor, SafetensorsFolder, st_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+# One step in computing an output tensor: ("base", base_name) | ("replace", adapter_index, name) |
+# ("lora", adapter_index, name). `name` is the adapter's tensor, which for a tied lm_head is not the output's.
+Op = tuple
+
+
+@dataclass
+class MergePlan:
+    base: SafetensorsFolder
+    config: dict[str, Any]  # the output config.json (vocab_size, tie_word_embeddings, dtype updated)
+    adapters: list[LoraAdapter]
+    tensors: list[PlannedTensor]
+    ops: dict[str, list[Op]] = field(default_factory=dict)  # output name -> steps, in order
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    def close(self) -> None:
+        self.base.close()
+        for a in self.adapters:
+            a.close()
+
+
+def _out_dtype(requested: str, base_dtype: torch.dtype) -> torch.dtype:
+    import torch
+
+    if requested == "auto" or not base_dtype.is_floating_point:
+        return base_dtype
+    return getattr(torch, requested)
+
+
+def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "auto") -> MergePlan:
+    """Check the adapters against the base (headers only) and plan the merged checkpoint.
+
+    Tied embeddings follow PEFT: LoRA updates and `base_layer` replacements change the one shared matrix;
+    an adapter that keeps its own copy (modules_to_save of embed_tokens or lm_head) unties them, and
+    lm_head keeps the matrix as it was before that copy (the one the adapter was trained against).
+    """
+    base = SafetensorsFolder(base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    check_llama_names(base.names, str(base_dir))
+    adapters = [open_adapter(d) for d in adapter_dirs]
+
+    tied = bool(config.get("tie_word_embeddings")) and HEAD not in base and EMBED in base
+    names = list(base.names)
+    ops: dict[str, list[Op]] = {n: [("base", n)] for n in names}
+    shapes = {n: list(base.shape(n)) for n in names}
+    src_dtype = {n: base.dtype(n) for n in names}
+
+    for i, a in enumerate(adapters):
+        own_copy = HEAD in a.replace or (EMBED in a.replace and EMBED not in a.in_place)
+        if tied and own_copy:
+            tied = False
+            names.append(HEAD)
+            ops[HEAD], shapes[HEAD], src_dtype[HEAD] = list(ops[EMBED]), list(shapes[EMBED]), src_dtype[EMBED]
+        for name in a.replace:
+            if name not in shapes:
+                raise MismatchError(f"adapter {a.path} saves a full {name!r} but the base model "
+                                    f"{base_dir} has no such tensor (made for another architecture?)")
+            new = a.replacement_shape(name)
+            if new[1:] != shapes[name][1:] or (name not in (EMBED, HEAD) and new != shapes[name]):
+                raise MismatchError(f"adapter {a.path}: saved {name} has shape {new} but the base's is "
+                                    f"{shapes[name]} (made for another model size?)")
+            shapes[name] = new
+            ops[name].append(("replace", i, name))
+        for name in a.lora:
+            target = EMBED if (tied and name == HEAD) else name  # one shared matrix while tied
+            if target not in shapes:
+                raise MismatchError(f"adapter {a.path} targets {name.removesuffix('.weight')!r} which the base "
+                                    f"model {base_dir} does not have (made for another architecture?)")
+            if a.delta_shape(name) != shapes[target]:
+                raise MismatchError(f"adapter {a.path}: LoRA of {name.removesuffix('.weight')} gives a "
+                                    f"{a.delta_shape(name)} update but the weight is {shapes[target]} "
+                                    "(made for another model size, or a vocabulary it does not carry?)")
+            ops[target].append(("lora", i, name))
+
+    if EMBED in shapes and HEAD in shapes and shapes[EMBED][0] != shapes[HEAD][0]:
+        raise MismatchError(f"after merging, embed_tokens has {shapes[EMBED][0]} rows but lm_head has "
+                            f"{shapes[HEAD][0]}: an adapter extended one without the other")
+
+    tensors = [PlannedTensor(n, st_dtype(_out_dtype(dtype, src_dtype[n])), shapes[n]) for n in names]
+    out_config = dict(config)
+    if EMBED in shapes:
+        out_config["vocab_size"] = shapes[EMBED][0]
+    if config.get("tie_word_embeddings") and not tied:
+        out_config["tie_word_embeddings"] = False
+    if dtype != "auto":
+        out_config["dtype"] = dtype
+        out_config.pop("torch_dtype", None)
+    return MergePlan(base, out_config, adapters, tensors, ops)
+
+
+def merged_tensor(plan: MergePlan, t: PlannedTensor) -> torch.Tensor:
+    """One output tensor: its planned steps (base, replacements, LoRA updates) in order, in fp32."""
+    from lorakit.merge.safetensors_io import torch_dtype
+
+    w = None
+    for op in plan.ops[t.name]:
+        if op[0] == "base":
+            w = plan.base.get(op[1])
+        elif op[0] == "replace":
+            w = plan.adapters[op[1]].replacement(op[2])
+        else:
+            w = w.float() + plan.adapters[op[1]].delta(op[2])
+    assert w is not None
+    return w.to(torch_dtype(t.dtype)).contiguous()
+
+
+def iter_merged(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) in plan order (each base shard is mapped once, in turn)."""
+    for t in plan.tensors:
+        yield t.name, merged_tensor(plan, t)
+    plan.base.close()
