@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from lorakit.cli import main
@@ -68,6 +69,10 @@ def test_merged_model_matches_peft(pipeline, tiny_model_dir):
     n_tok = len(tok)
     assert n_tok == len(json.loads((work / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
     assert model.config.vocab_size == n_tok == adapter_vocab_size(work / "pt") > 16000
+    # the SentencePiece model travels with the adapter to the merged model, matching it
+    sp = spm.SentencePieceProcessor(model_file=str(work / "merged" / "tokenizer.model"))
+    assert sp.get_piece_size() == n_tok
+    assert sp.encode("北京 is 2024") == tok.encode("北京 is 2024", add_special_tokens=False)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     base.resize_token_embeddings(n_tok)  # rows are replaced by the adapter's full embed_tokens / lm_head

@@ -84,6 +84,28 @@ def drop_redundant_embedding_copies(adapter_dir: str | Path) -> int:
     return len(redundant)
 
 
+def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str | Path) -> bool:
+    """Ship the tokenizer's `tokenizer.model` with the adapter (transformers 5 saves only tokenizer.json).
+
+    `lorakit merge` copies it to the merged model, where SentencePiece-based tools (llama.cpp's
+    converter, sentencepiece itself) need it. Copied only when its size matches the tokenizer's.
+    """
+    import shutil
+
+    import sentencepiece as spm
+
+    src = tokenizer_source if tokenizer_source.is_file() else tokenizer_source / "tokenizer.model"
+    if src.suffix != ".model" or not src.is_file():
+        return False
+    if spm.SentencePieceProcessor(model_file=str(src)).get_piece_size() != len(tokenizer):
+        log.warning("%s does not match the tokenizer's %d tokens: not copied to the adapter", src, len(tokenizer))
+        return False
+    tmp = Path(output_dir) / ".tokenizer.model.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, Path(output_dir) / "tokenizer.model")
+    return True
+
+
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     from transformers import default_data_collator
 
@@ -114,8 +136,11 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
                 cfg.modules_to_save.append(name)
     # Blocks all have the same length: stacking them needs no padding and no packing.
     summary = train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
-    if is_main_process() and drop_redundant_embedding_copies(summary.output_dir):
-        log.info("removed peft's duplicate embedding tensors from the adapter file")
+    if is_main_process():
+        if drop_redundant_embedding_copies(summary.output_dir):
+            log.info("removed peft's duplicate embedding tensors from the adapter file")
+        copy_sentencepiece_model(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir), tokenizer,
+                                 summary.output_dir)
     return summary
 
 
