@@ -104,6 +104,10 @@ def test_hf_folder_is_the_base_class_with_its_special_tokens(shared_data, merged
         assert getattr(merged_hf, name) == getattr(base, name)
         assert getattr(merged_hf, name + "_id") == getattr(base, name + "_id")
     assert merged_hf.encode("hi")[0] == base.bos_token_id  # BOS still added, as LLaMA does
+    # the base's merge list is kept as it was, the new merges come after it
+    base_merges = json.loads(base.backend_tokenizer.to_str())["model"]["merges"]
+    new_merges = json.loads((merged.output_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert new_merges[:len(base_merges)] == base_merges and len(new_merges) > len(base_merges)
     # lorakit's own loader reads the folder the same way.
     assert load_tokenizer(merged.output_dir, add_pad_token=False).encode("中文 text") == merged_hf.encode("中文 text")
 

@@ -167,8 +167,12 @@ def bpe_merges(base_merges: list, pieces: list[tuple[str, float, int]], vocab: d
                     (piece in new_pieces or left in new_pieces or right in new_pieces):
                 extra.append((-s, vocab[piece], vocab[left], vocab[right], left, right))
     extra.sort()
+    result_score = lambda m: score.get(m[0] + m[1], float("-inf"))  # noqa: E731
+    lowest_base = min((result_score(m) for m in merges), default=float("inf"))
     merges += [[left, right] for *_, left, right in extra]
-    merges.sort(key=lambda m: -score.get(m[0] + m[1], float("-inf")))  # stable: ties keep base order first
+    if extra and -extra[0][0] >= lowest_base:  # some new merge outranks a base one (--keep-all's score 0)
+        merges.sort(key=lambda m: -result_score(m))  # stable: ties keep the base's merges first
+    # else (default mode) the base's merge list stays exactly as it was, new merges after it
     return merges
 
 
