@@ -33,13 +33,14 @@ def test_stream_and_blocks(tiny_model_dir, zh_docs):
     expected = []
     for doc in zh_docs:
         expected += [tok.bos_token_id, *tok.encode(doc, add_special_tokens=False), tok.eos_token_id]
-    assert stream == expected
+    assert list(stream) == expected
     blocks = make_blocks(stream, 100)
     assert len(blocks) == len(stream) // 100
     for i, b in enumerate(blocks):
-        assert b["input_ids"] == b["labels"] == stream[i * 100:(i + 1) * 100]
+        assert b["input_ids"] == b["labels"] == expected[i * 100:(i + 1) * 100]
         assert b["attention_mask"] == [1] * 100
     assert make_blocks(stream[:99], 100) == []
+    assert all(type(t) is int for t in blocks[0]["input_ids"])
 
 
 def test_first_loss_equals_an_independent_forward(tiny_model_dir, extended_tokenizer, zh_docs, tmp_path):

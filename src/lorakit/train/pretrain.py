@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +28,15 @@ Block = dict[str, list[int]]
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer, batch: int = 1000,
-                       show_progress: bool = True) -> list[int]:
-    """One token stream: each document as the tokenizer encodes it (with BOS if it adds one), then EOS."""
+                       show_progress: bool = True) -> array:
+    """One token stream: each document as the tokenizer encodes it (with BOS if it adds one), then EOS.
+
+    Kept as a C int array (4 bytes a token instead of ~36 for a list of Python ints).
+    """
     from tqdm import tqdm
 
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
+    stream = array("i")
     bar = tqdm(total=len(documents), desc="tokenizing", unit=" docs", disable=not show_progress)
     for start in range(0, len(documents), batch):
         chunk = list(documents[start:start + batch])
