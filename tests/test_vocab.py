@@ -183,6 +183,12 @@ def test_merge_errors(shared_data, tmp_path, merged):
     with pytest.raises(MismatchError, match="not a SentencePiece model"):
         merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), str(bogus), str(tmp_path / "o2"))
     assert not (tmp_path / "o2").exists()
+    # a folder whose tokenizer.model is not the tokenizer its tokenizer.json describes
+    odd = tmp_path / "odd"
+    shutil.copytree(merged.output_dir, odd)
+    shutil.copy(shared_data / "chinese_sp.model", odd / "tokenizer.model")
+    with pytest.raises(MismatchError, match="not the same tokenizer"):
+        merge_tokenizers(str(odd), extra, str(tmp_path / "o3"))
     with pytest.raises(OutputExistsError):
         merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), extra, str(merged.output_dir))
 
