@@ -72,3 +72,22 @@ def test_cli_errors_are_clear(shared_data, tmp_path):
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
     r = run("--input", str(bad), "--vocab-size", "500", "--output", str(tmp_path / "b.model"))
     assert r.returncode == 2 and f"{bad}:2" in r.stderr
+
+
+def test_long_lines_are_split_not_dropped():
+    import random
+
+    from lorakit.vocab.train import split_long_line
+
+    rng = random.Random(0)
+    for _ in range(300):
+        words = ["".join(rng.choice("abc中文é") for _ in range(rng.randint(1, 30)))
+                 + rng.choice(["", " ", ". ", "。", "! "]) for _ in range(rng.randint(1, 200))]
+        line, limit = "".join(words), rng.randint(8, 300)
+        chunks = split_long_line(line, limit)
+        assert all(0 < len(c.encode("utf-8")) <= limit for c in chunks)
+        assert "".join(chunks).replace(" ", "") == line.replace(" ", "")  # only spaces at cuts are lost
+    text = "First sentence. Second one! 第三句。第四句？" * 3
+    assert split_long_line(text, 40)[:2] == ["First sentence. Second one! 第三句。",
+                                             "第四句？First sentence. Second one!"]
+    assert split_long_line("short", 40) == ["short"]

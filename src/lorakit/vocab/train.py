@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +35,37 @@ def sample_sentences(lines: Iterable[str], max_sentences: int, seed: int) -> tup
                 reservoir[j] = (seen, line)
     reservoir.sort()
     return [line for _, line in reservoir], seen
+
+
+_SENTENCE_END = re.compile(r"[.!?;。！？；]+\s*")
+
+
+def split_long_line(line: str, max_bytes: int) -> list[str]:
+    """Cut a line longer than `max_bytes` (UTF-8) into chunks at sentence ends (else at a space, else
+    anywhere): SentencePiece silently skips over-long sentences, and a Wikipedia paragraph often is one.
+    Chunks are slices of the line (nothing inserted), stripped at their ends."""
+    if len(line.encode("utf-8")) <= max_bytes:
+        return [line]
+    hard = max(max_bytes // 4, 1)  # characters that surely fit (UTF-8 uses at most 4 bytes a character)
+    ends = [m.end() for m in _SENTENCE_END.finditer(line)] + [len(line)]
+    parts, start = [], 0
+    for end in ends:
+        while end - start > hard:  # one over-long sentence: cut at the last space that fits
+            space = line.rfind(" ", start + 1, start + hard)
+            cut = space if space > start else start + hard
+            parts.append(line[start:cut])
+            start = cut
+        if end > start:
+            parts.append(line[start:end])
+            start = end
+    chunks, current = [], ""
+    for part in parts:
+        if current and len((current + part).encode("utf-8")) > max_bytes:
+            chunks.append(current)
+            current = ""
+        current += part
+    chunks.append(current)
+    return [c.strip() for c in chunks if c.strip()]
 
 
 def trainer_options(cfg: VocabTrainConfig) -> dict[str, object]:
@@ -66,7 +98,8 @@ def train_sentencepiece(cfg: VocabTrainConfig, show_progress: bool = True) -> di
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
-    lines = (line for path in cfg.input for line in iter_text_lines(path))
+    lines = (chunk for path in cfg.input for line in iter_text_lines(path)
+             for chunk in split_long_line(line, cfg.max_sentence_length))
     progress = tqdm(lines, desc="reading sentences", unit=" lines", disable=not show_progress)
     sentences, seen = sample_sentences(progress, cfg.max_sentences, cfg.seed)
     progress.close()
