@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from lorakit.config import save_yaml
@@ -126,7 +126,10 @@ def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, 
     """Adapter, tokenizer and config into a temp folder, checked, then moved into `out` file by file."""
     tmp = out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    # Embeddings trained as modules_to_save are saved as such; peft's extra "embedding layers" copy
+    # (on by default after a vocab resize) would store them twice more, plus the untrained originals.
+    full_embeddings = {"embed_tokens", "lm_head"} & set(getattr(cfg, "modules_to_save", None) or [])
+    trainer.model.save_pretrained(str(tmp), save_embedding_layers=False if full_embeddings else "auto")
     tokenizer.save_pretrained(str(tmp))
     save_yaml(cfg, tmp / "lorakit_config.yaml")
     trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -186,6 +189,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
+    set_seed(cfg.seed)  # the LoRA A init draws from the global RNG: same seed, same run
     peft_model = get_peft_model(model, lora_config(cfg))
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -61,33 +61,6 @@ def make_blocks(stream: Sequence[int], block_size: int) -> list[Block]:
     return blocks
 
 
-def drop_redundant_embedding_copies(adapter_dir: str | Path) -> int:
-    """Remove the extra copies of embed_tokens/lm_head that peft adds to a resized-vocab adapter.
-
-    peft (0.21) sets `save_embedding_layers=True` when it sees the vocabulary was resized and then
-    saves every state-dict entry of those layers: besides the trained `lm_head.weight` (the
-    modules_to_save copy, which is what peft loads) come `lm_head.modules_to_save.weight` (the same
-    tensor) and `lm_head.original_module.weight` (the untrained resized base), tripling the file and
-    confusing tools that read tensor names. Returns the number of tensors removed.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        redundant = {k for k in keys if ".original_module." in k
-                     or (".modules_to_save." in k and k.replace(".modules_to_save.", ".") in keys)}
-        if not redundant:
-            return 0
-        tensors = {k: f.get_tensor(k) for k in sorted(keys - redundant)}
-        metadata = f.metadata()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return len(redundant)
-
-
 def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str | Path) -> bool:
     """Ship the tokenizer's `tokenizer.model` with the adapter (transformers 5 saves only tokenizer.json).
 
@@ -141,8 +114,6 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     # Blocks all have the same length: stacking them needs no padding and no packing.
     summary = train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
     if is_main_process():
-        if drop_redundant_embedding_copies(summary.output_dir):
-            log.info("removed peft's duplicate embedding tensors from the adapter file")
         copy_sentencepiece_model(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir), tokenizer,
                                  summary.output_dir)
     return summary
