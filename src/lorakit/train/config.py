@@ -44,6 +44,8 @@ class TrainOptions:
     eval_steps: int = opt(200, "evaluate every N steps (with a validation set)")
     save_total_limit: int = opt(3, "checkpoints kept")
     overwrite: bool = opt(False, "allow an --output-dir that already holds a finished adapter")
+    nproc: int = opt(1, "processes to train with (DDP): >1 re-launches this command through torchrun; "
+                        "under torchrun/accelerate launch leave it at 1")
 
     def validate_train(self) -> None:
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
@@ -53,6 +55,8 @@ class TrainOptions:
                               f"{self.micro_batch_size}")
         if self.learning_rate <= 0:
             raise ConfigError("--learning-rate must be positive")
+        if self.nproc < 1:
+            raise ConfigError("--nproc must be >= 1")
 
 
 @dataclass

@@ -60,6 +60,11 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
 
 
 def run_finetune(cfg: FinetuneConfig) -> int:
+    from lorakit.train.launch import relaunch_if_needed
+
+    code = relaunch_if_needed(cfg, "finetune")  # --nproc N: this command again under torchrun
+    if code is not None:
+        return code
     summary = finetune(cfg)
     if is_main_process():
         eval_part = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""

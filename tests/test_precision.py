@@ -1,0 +1,75 @@
+"""Precision auto-selection: bf16 only where the CPU/GPU runs it natively, fp32 otherwise; explicit
+bf16/fp16 refused with a clear message where unsupported. CPU flags and CUDA are mocked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.train import precision as P
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU-only machine whose /proc/cpuinfo flags are the given set."""
+
+    def set_flags(*flags: str) -> None:
+        monkeypatch.setattr(P, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    return set_flags
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("sse4_2", "avx2", "avx512f"), "fp32"),           # AVX-512 without bf16 instructions
+    (("avx2", "avx512f", "avx512_bf16"), "bf16"),
+    (("avx2", "amx_tile", "amx_bf16"), "bf16"),
+    ((), "fp32"),                                       # flags unreadable
+])
+def test_auto_follows_cpu_flags(cpu, flags, expected):
+    cpu(*flags)
+    assert P.resolve_precision("auto") == expected
+
+
+def test_explicit_bf16_refused_without_native_support(cpu):
+    cpu("avx2", "avx512f")
+    with pytest.raises(ConfigError, match="bf16 is not supported on this cpu"):
+        P.resolve_precision("bf16")
+    assert P.resolve_precision("fp32") == "fp32"
+
+
+def test_fp16_needs_cuda(cpu):
+    cpu("amx_bf16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        P.resolve_precision("fp16")
+
+
+def test_cuda_without_bf16_falls_back_to_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(P, "cpu_flags", lambda: frozenset({"amx_bf16"}))  # the CPU must not matter on a GPU
+    assert P.resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="bf16 is not supported on this cuda"):
+        P.resolve_precision("bf16")
+    assert P.resolve_precision("fp16") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert P.resolve_precision("auto") == "bf16"
+
+
+def test_cpu_flags_parsed_from_proc_cpuinfo(tmp_path, monkeypatch):
+    text = "processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\nbugs\t\t: none\n"
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(text)
+    real_path = P.Path
+    monkeypatch.setattr(P, "Path", lambda p: real_path(fake) if p == "/proc/cpuinfo" else real_path(p))
+    P.cpu_flags.cache_clear()
+    try:
+        assert P.cpu_flags() == frozenset({"fpu", "sse", "avx512_bf16", "amx_tile"})
+    finally:
+        P.cpu_flags.cache_clear()
+
+
+def test_weights_dtype_keeps_trainable_fp32_policy():
+    assert P.weights_dtype("bf16") is torch.bfloat16
+    assert P.weights_dtype("fp32") is torch.float32
