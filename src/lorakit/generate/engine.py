@@ -35,6 +35,7 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: fixed-length outputs)
 
     def validate(self) -> GenerationParams:
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
@@ -121,7 +122,13 @@ def run_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reques
         attention_mask[i, width - len(r.prompt_ids):] = 1
     stops = sorted({s for r in requests for s in r.params.stop})
     stop_ids = stop_token_ids(tokenizer, stops, model)
-    streams = [TokenStream(tokenizer, r.params, stop_ids, r.on_text, r.cancelled) for r in requests]
+    eos_ids = set(stop_token_ids(tokenizer, [], model))
+    streams = [TokenStream(tokenizer, r.params, [t for t in stop_ids if not (r.params.ignore_eos and t in eos_ids)],
+                           r.on_text, r.cancelled) for r in requests]
+    if any(r.params.ignore_eos for r in requests):  # rows stop on their own (RowTracker); none at the batch level
+        # an id past the vocabulary (never generated) keeps HF from substituting the model's EOS for []
+        never = int(model.get_output_embeddings().weight.shape[0])
+        stop_ids = [t for t in stop_ids if t not in eos_ids] or [never]
     p0 = requests[0].params
     beams = p0.num_beams > 1
     config = GenerationConfig(max_new_tokens=max(r.params.max_new_tokens for r in requests), num_beams=p0.num_beams,
@@ -135,6 +142,9 @@ def run_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reques
         if p0.seed is not None:
             torch.manual_seed(p0.seed)
     else:
+        # explicit neutral values: HF fills unset fields from the model's generation_config, and a default
+        # repetition_penalty there would be applied on top of RowSampler's per-row one
+        config.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
         hooks = {"logits_processor": LogitsProcessorList([RowSampler([r.params for r in requests],
                                                                      [width - len(r.prompt_ids) for r in requests])]),
                  "stopping_criteria": StoppingCriteriaList([RowTracker(streams, width)])}

@@ -258,9 +258,14 @@ class Engine:
             self._thread.start()
 
     def _gather(self, first: Request) -> list[Request]:
+        """The first request plus whatever arrives in a burst: the window restarts with each arrival
+        (a client burst is spread out by connection handling), capped at 5x `gather_ms`."""
         batch = [first]
-        deadline = time.monotonic() + self.gather_s
+        start = time.monotonic()
+        deadline = start + self.gather_s
         while len(batch) < self.max_batch_size:
+            if len(batch) > 1:
+                deadline = min(time.monotonic() + self.gather_s, start + 5 * self.gather_s)
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API (the subset lorakit honours; unknown fields are ignored).
 
-Extensions beyond OpenAI's fields: `top_k`, `repetition_penalty`, `num_beams`.
+Extensions beyond OpenAI's fields: `top_k`, `repetition_penalty`, `num_beams`, `ignore_eos` (as vLLM).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)  # accepted for compatibility, not applied
