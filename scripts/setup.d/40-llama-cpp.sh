@@ -26,9 +26,11 @@ then
 fi
 
 echo "[setup] building llama-cpp-python==$VERSION from source with AMX off (~6 min on 2 cores)"
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
--DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
--DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+# Not GGML_NATIVE (it would turn AMX back on where the CPU has it): name the SIMD sets this CPU has.
+cpu_flag() { grep -qw "$1" /proc/cpuinfo 2>/dev/null && echo ON || echo OFF; }
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$(cpu_flag avx) -DGGML_AVX2=$(cpu_flag avx2) -DGGML_FMA=$(cpu_flag fma) \
+-DGGML_F16C=$(cpu_flag f16c) -DGGML_AVX512=$(cpu_flag avx512f) -DGGML_AVX512_VNNI=$(cpu_flag avx512_vnni) \
+-DGGML_AVX512_BF16=$(cpu_flag avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   "$PY" -m pip install --disable-pip-version-check --quiet --no-cache-dir --force-reinstall --no-deps \
   "llama-cpp-python==$VERSION"

@@ -92,7 +92,7 @@ def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
     if "\\p{N}{1,3}" in pre:
         return "llama-bpe"
     if '"ByteLevel"' in pre and '"use_regex": true' in pre:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for GPT-2's split regex (the model type is "gpt2")
     log.warning("unknown pre-tokenizer in tokenizer.json; writing 'default' (llama.cpp may split text differently)")
     return "default"
 
