@@ -95,3 +95,25 @@ def test_nproc_refuses_a_batch_that_does_not_split(tiny_model_dir, data12, tmp_p
                                             output_dir=str(tmp_path), batch_size=6, micro_batch_size=2, nproc=2))
     with pytest.raises(ConfigError, match="multiple of --micro-batch-size 2 x 2 process"):
         relaunch_if_needed(cfg, "finetune")
+
+
+def test_examples_load_with_lorakit_and_accelerate(tiny_model_dir):
+    """examples/finetune_alpaca.yaml goes through lorakit's own loader; the accelerate configs through
+    accelerate's (unknown keys are refused there)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from lorakit.config import load_yaml_config
+    from lorakit.train.engine import gradient_accumulation_steps
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+    cfg = build_config(FinetuneConfig, load_yaml_config(root / "finetune_alpaca.yaml"))
+    assert (cfg.lora_target_modules, cfg.batch_size, cfg.padding_free, cfg.precision) == \
+        (["q_proj", "v_proj"], 128, True, "auto")
+    assert gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, 2) == 16
+    kinds = {}
+    for path in sorted((root / "accelerate").glob("*.yaml")):
+        c = ClusterConfig.from_yaml_file(path)
+        kinds[path.stem] = str(c.distributed_type.value)
+        assert c.mixed_precision == "no"  # lorakit chooses the precision
+    assert kinds == {"ddp": "MULTI_GPU", "ddp_cpu": "MULTI_CPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                     "deepspeed_zero3": "DEEPSPEED"}

@@ -137,3 +137,7 @@ def test_padding_free_and_padded_runs_give_the_same_loss_curve(tiny_model_dir, t
         torch.testing.assert_close(w_pad[k], w_free[k], atol=2e-5, rtol=1e-3)
     # Same real tokens counted; the padded run computes pads but does not count them.
     assert s_pad.tokens_seen == s_free.tokens_seen > 0
+    # Peak memory in the summary is this process's high-water mark (the kernel's VmHWM, read independently).
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert 0.95 * hwm_kb / 1024 <= s_free.peak_rss_mb <= hwm_kb / 1024 + 1
+    assert s_free.peak_gpu_mb is None  # no CUDA here

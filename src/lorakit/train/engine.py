@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ class TrainSummary:
     precision: str
     trainable_params: int
     extra: dict[str, Any] = field(default_factory=dict)
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated of this process, when on CUDA
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (in DDP: of this rank) since it started, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def world_size() -> int:
@@ -211,16 +219,21 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_data else None
+    # Trainer already evaluates at the last step (eval_strategy "steps"); evaluate again only if not.
+    final_evals = [h["eval_loss"] for h in trainer.state.log_history
+                   if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    eval_loss = final_evals[-1] if final_evals else trainer.evaluate()["eval_loss"] if eval_data else None
 
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, cfg, out)
         plot_losses(trainer.state.log_history, out / "loss.png")
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = peak_rss_mb()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     if not math.isfinite(result.training_loss):
         raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
     return TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
                         train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
                         tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
-                        peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable)
+                        peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable,
+                        peak_gpu_mb=peak_gpu)

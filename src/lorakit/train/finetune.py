@@ -69,7 +69,8 @@ def run_finetune(cfg: FinetuneConfig) -> int:
     if is_main_process():
         eval_part = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
         print(f"done: {summary.global_step} steps, train loss {summary.train_loss:.4f}{eval_part}, "
-              f"{summary.tokens_per_second:.0f} tokens/s, peak RSS {summary.peak_rss_mb:.0f} MB, "
+              f"{summary.tokens_per_second:.0f} tokens/s, peak RSS {summary.peak_rss_mb:.0f} MB"
+              f"{'' if summary.peak_gpu_mb is None else f', peak GPU {summary.peak_gpu_mb:.0f} MB'}, "
               f"precision {summary.precision}")
         print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
         print(f"try it:  lorakit generate --base-model {cfg.base_model} --lora-weights {summary.output_dir} "

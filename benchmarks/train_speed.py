@@ -1,0 +1,185 @@
+"""Training speed: the alpaca-lora recipe vs `lorakit finetune` defaults, side by side in one run.
+
+    .venv/bin/python benchmarks/train_speed.py --base tiny --examples 192
+    .venv/bin/python benchmarks/train_speed.py --base smollm2-135m --examples 64
+
+Reference ("alpaca-lora"): HF Trainer + PEFT LoRA (r 8, alpha 16, dropout 0.05, q_proj/v_proj), fp32,
+left-padded DataCollatorForSeq2Seq (pad to the longest, multiple of 8), AdamW, linear schedule,
+warm-up 0, prompts from the alpaca template with EOS appended, loss on the whole sequence.
+lorakit: `finetune` with its defaults (auto precision, padding-free batches) and the same data and
+hyper-parameters. Each side runs in its own subprocess (so peak RSS is its own); both adapters are
+then scored on the same held-out examples with the same fp32 evaluator (mean token cross-entropy).
+Throughput is real (non-pad) tokens per second of training wall time (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "alpaca_en_demo.json"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def alpaca_lora_features(records: list[dict], tokenizer, cutoff_len: int) -> list[dict]:
+    """alpaca-lora's generate_and_tokenize_prompt (train_on_inputs=True, add_eos_token=True)."""
+    from lorakit.prompts import get_prompter
+
+    prompter = get_prompter("alpaca", tokenizer)
+    feats = []
+    for r in records:
+        text = prompter.generate_prompt(r["instruction"], r.get("input") or None, r["output"])
+        ids = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
+        if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+            ids.append(tokenizer.eos_token_id)
+        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+    return feats
+
+
+def run_reference(a: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(a["base_dir"])
+    tokenizer.padding_side = "left"  # as alpaca-lora
+    feats = alpaca_lora_features(json.loads(Path(a["train_json"]).read_text()), tokenizer, a["cutoff_len"])
+    model = AutoModelForCausalLM.from_pretrained(a["base_dir"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"))
+    model.config.use_cache = False
+    args = TrainingArguments(
+        output_dir=a["out"], per_device_train_batch_size=a["micro_batch_size"],
+        gradient_accumulation_steps=a["batch_size"] // a["micro_batch_size"], warmup_steps=0,
+        num_train_epochs=a["epochs"], learning_rate=a["lr"], logging_steps=10, optim="adamw_torch",
+        save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=42,
+        include_num_input_tokens_seen="non_padding")
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=collator)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    model.save_pretrained(a["out"])
+    padded = sum(len(b["input_ids"][0]) * len(b["input_ids"]) for b in map(collator, _batches(feats, a)))
+    return {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "train_loss": result.training_loss,
+            "peak_rss_mb": peak_rss_mb(), "precision": "fp32", "padded_tokens_one_epoch": padded}
+
+
+def _batches(feats: list[dict], a: dict):
+    m = a["micro_batch_size"]
+    return ([dict(f) for f in feats[i: i + m]] for i in range(0, len(feats), m))
+
+
+def run_lorakit(a: dict) -> dict:
+    from lorakit.config import build_config
+    from lorakit.train.config import FinetuneConfig
+    from lorakit.train.finetune import finetune
+
+    cfg = build_config(FinetuneConfig, dict(
+        base_model=a["base_dir"], data_path=a["train_json"], output_dir=a["out"], batch_size=a["batch_size"],
+        micro_batch_size=a["micro_batch_size"], num_epochs=a["epochs"], learning_rate=a["lr"], warmup_steps=0,
+        cutoff_len=a["cutoff_len"], val_set_size=0, logging_steps=10, save_steps=10**6, overwrite=True))
+    s = finetune(cfg)
+    return {"tokens": s.tokens_seen, "seconds": s.train_seconds, "train_loss": s.train_loss,
+            "peak_rss_mb": peak_rss_mb(), "precision": s.precision}
+
+
+def heldout_loss(base_dir: str, adapter: str | None, records: list[dict], cutoff_len: int) -> float:
+    """Mean token cross-entropy of base (+ adapter, merged, fp32) on held-out records, alpaca prompts."""
+    from lorakit.data import parse_record, tokenize_examples
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.prompts import get_prompter
+    from lorakit.train.evaluate import masked_loss
+
+    model, tokenizer = load_model_and_tokenizer(base_dir, None, [adapter] if adapter else [], dtype="fp32",
+                                                merge=True)
+    examples = [parse_record(r, "heldout", i) for i, r in enumerate(records)]
+    feats = tokenize_examples(examples, get_prompter("alpaca", tokenizer), tokenizer, cutoff_len)
+    return masked_loss(model, tokenizer, feats, 8)[0]
+
+
+def make_base(kind: str, where: Path) -> str:
+    if kind != "tiny":
+        from lorakit.models import resolve_model_dir
+
+        return str(resolve_model_dir(kind))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import make_tiny_llama
+
+    # A small random LLaMA (~10M parameters): 4 layers, hidden 256, GQA, the shared 16k tokenizer.
+    return str(make_tiny_llama(where / "tiny-llama", hidden_size=256, layers=4, heads=8, kv_heads=4,
+                               intermediate_size=688))
+
+
+def worker(side: str, args_json: str) -> None:
+    a = json.loads(args_json)
+    result = run_reference(a) if side == "ref" else run_lorakit(a)
+    Path(a["out"], "bench_result.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="tiny", help="'tiny' (a random LLaMA built here), smollm2-135m, or a folder")
+    p.add_argument("--examples", type=int, default=192, help="training examples (the first N of the data)")
+    p.add_argument("--heldout", type=int, default=48, help="held-out examples (the next M)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--worker", choices=["ref", "lorakit"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.worker_args)
+
+    records = json.loads(DATA.read_text())
+    train, held = records[: args.examples], records[args.examples: args.examples + args.heldout]
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
+        tmp_path = Path(tmp)
+        base_dir = make_base(args.base, tmp_path)
+        train_json = tmp_path / "train.json"
+        train_json.write_text(json.dumps(train))
+        results = {}
+        for side in ("ref", "lorakit"):
+            a = dict(base_dir=base_dir, train_json=str(train_json), out=str(tmp_path / side), lr=args.lr,
+                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+                     cutoff_len=args.cutoff_len)
+            Path(a["out"]).mkdir()
+            cmd = [sys.executable, __file__, "--worker", side, "--worker-args", json.dumps(a)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            results[side] = json.loads((Path(a["out"]) / "bench_result.json").read_text())
+            results[side]["heldout"] = heldout_loss(base_dir, a["out"], held, args.cutoff_len)
+        base_loss = heldout_loss(base_dir, None, held, args.cutoff_len)
+
+    ref, lk = results["ref"], results["lorakit"]
+    for r in (ref, lk):
+        r["tps"] = r["tokens"] / r["seconds"]
+    pad_share = 1 - ref["tokens"] / args.epochs / ref["padded_tokens_one_epoch"]
+    print(f"\nbase {args.base}, {len(train)} train / {len(held)} held-out examples, batch {args.batch_size} "
+          f"(micro {args.micro_batch_size}), {args.epochs:g} epoch(s), cutoff {args.cutoff_len}, "
+          f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}; padding in the reference: {pad_share:.0%}")
+    print("| run | precision | non-pad tokens/s | train s | peak RSS MB | held-out loss |\n|---|---|---|---|---|---|")
+    for name, r in (("alpaca-lora recipe", ref), ("lorakit finetune", lk)):
+        print(f"| {name} | {r['precision']} | {r['tps']:.0f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['heldout']:.4f} |")
+    print(f"| base, no adapter | | | | | {base_loss:.4f} |")
+    print(f"speed ratio lorakit / reference: {lk['tps'] / ref['tps']:.2f}x; held-out loss difference "
+          f"{100 * (lk['heldout'] - ref['heldout']) / ref['heldout']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
