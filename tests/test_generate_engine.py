@@ -173,3 +173,36 @@ def test_mismatched_tokenizer_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(MismatchError, match="tokenizer has"):
         Engine.load(EngineOptions(base_model=str(small)))
     time.sleep(0)
+
+
+def test_extended_vocab_adapter_resizes_and_uses_its_tokenizer(tiny_model_dir, tmp_path):
+    """An adapter trained after a vocabulary extension (full embed/lm_head saved, tokenizer in its folder)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["llamaword", "alpacaword", "vicunaword"])
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tok))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                                  modules_to_save=["embed_tokens", "lm_head"]))
+    folder = tmp_path / "ext"
+    peft_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(folder)]))
+    try:
+        assert len(e.tokenizer) == len(tok)
+        assert e.model.get_input_embeddings().weight.shape[0] == len(tok)
+        ids = e.instruction_ids("Say llamaword and alpacaword")
+        assert any(i >= len(tok) - 3 for i in ids)  # the new tokens are in the prompt
+        got = e.complete(ids, GenerationParams(max_new_tokens=8)).text
+    finally:
+        e.close()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.resize_token_embeddings(len(tok))
+    ref = PeftModel.from_pretrained(base, str(folder)).eval()
+    ref_tok = AutoTokenizer.from_pretrained(folder)
+    ref_tok.pad_token = ref_tok.unk_token
+    assert got == hf_greedy(ref, ref_tok, ids, 8)

@@ -57,7 +57,11 @@ def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": "Describe a llama."}], tokenize=True,
                                   add_generation_prompt=True, return_dict=True)["input_ids"]
-    expected = hf_greedy(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tok, list(ids), 60).strip()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    expected = hf_greedy(model, tok, list(ids), 60).strip()
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": "Hi llama"}], tokenize=True,
+                                       add_generation_prompt=True, return_dict=True)["input_ids"]
+    chat_expected = hf_greedy(model, tok, list(chat_ids), 60).strip()
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -74,6 +78,17 @@ def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
                                arg=expected, timeout=60_000)
         seen = page.evaluate("() => window.__seen")
         page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
+
+        # the chat tab: a message and its streamed reply appear in the conversation
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#message textarea").fill("Hi llama")
+        page.locator("#message textarea").press("Enter")
+        bot = page.locator("#chatbot [data-testid='bot']").last
+        bot.wait_for(timeout=60_000)
+        page.wait_for_function("(want) => { const b = [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")];"
+                               " return b.length && b[b.length - 1].innerText.replace(/\\s+/g, ' ').trim() === want; }",
+                               arg=" ".join(chat_expected.split()), timeout=60_000)
+        page.screenshot(path=str(tmp_path / "webui-chat.png"), full_page=True)
         browser.close()
     assert seen[-1] == expected
     assert len(seen) >= 2 and all(expected.startswith(v.strip()) for v in seen)  # grew piece by piece
