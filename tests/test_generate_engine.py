@@ -86,6 +86,7 @@ def test_stop_strings_and_length_limit(model_tok):
 def test_engine_stream_complete_and_template(engine, model_tok):
     model, tok = model_tok
     assert engine.prompter.name == "alpaca"  # no chat template on this tokenizer -> alpaca
+    assert engine.template_stops == ["\n### Instruction:"]
     assert next(engine.model.parameters()).dtype == torch.float32
     ids = engine.instruction_ids("Name three colors.")
     assert ids == ids_of(tok, engine.prompter.generate_prompt("Name three colors."))
@@ -206,3 +207,18 @@ def test_extended_vocab_adapter_resizes_and_uses_its_tokenizer(tiny_model_dir, t
     ref_tok = AutoTokenizer.from_pretrained(folder)
     ref_tok.pad_token = ref_tok.unk_token
     assert got == hf_greedy(ref, ref_tok, ids, 8)
+
+
+def test_auto_template_prefers_the_adapters_training_template(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit.generate.runner import choose_template
+
+    with_chat, without = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
+    trained = tmp_path / "adapter"
+    trained.mkdir()
+    (trained / "lorakit_config.yaml").write_text("prompt_template: alpaca_short\nlora_r: 8\n")
+    assert choose_template("auto", with_chat, [trained]) == "alpaca_short"
+    assert choose_template("auto", with_chat, [tmp_path]) == "chat"
+    assert choose_template("auto", without, []) == "alpaca"
+    assert choose_template("vigogne", with_chat, [trained]) == "vigogne"

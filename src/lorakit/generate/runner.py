@@ -167,11 +167,22 @@ class Engine:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self.prompter.chat_prompt(messages))
 
+    @property
+    def template_stops(self) -> list[str]:
+        """The chat template's end-of-turn; for alpaca-style templates the start of a next section
+        ("\n### Instruction:"), where an under-trained model tends to go on with an invented exchange."""
+        stops = list(self.prompter.stop_strings)
+        template = getattr(self.prompter, "template", None)
+        if template is not None:
+            head = template.prompt_no_input.split("{instruction}")[0].rstrip()
+            if head:
+                stops.append("\n" + head.splitlines()[-1])
+        return stops
+
     def with_template_stops(self, params: GenerationParams) -> GenerationParams:
         from dataclasses import replace
 
-        stops = list(dict.fromkeys([*params.stop, *self.prompter.stop_strings]))
-        return replace(params, stop=stops)
+        return replace(params, stop=list(dict.fromkeys([*params.stop, *self.template_stops])))
 
     def check_length(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
         if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
