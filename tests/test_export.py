@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.export.run import export_model
 from lorakit.export.verify import VerificationError
-from tiny_models import make_tiny_llama
+from tiny_models import SHARED_DATA, make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
 
@@ -19,8 +20,10 @@ IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
+    gqa = make_tiny_llama(root / "gqa", heads=4, kv_heads=2, seed=1)
+    shutil.copy(SHARED_DATA / "llama_style_bpe_16k.model", gqa / "tokenizer.model")  # SentencePiece scores
     return {
-        "gqa_untied": make_tiny_llama(root / "gqa", heads=4, kv_heads=2, seed=1),
+        "gqa_untied": gqa,
         "mha_tied_chat": make_tiny_llama(root / "mha", heads=4, kv_heads=4, tie_word_embeddings=True, chat=True,
                                          seed=2),
     }
@@ -64,11 +67,19 @@ def test_gguf_f32_round_trip_through_transformers_loader(models, tmp_path, shape
     tok_ref = AutoTokenizer.from_pretrained(src)
     tok_gguf = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     text = "Hello world, this is a tokenizer check: 12345 éàü."
-    assert tok_gguf(text)["input_ids"] == tok_ref(text)["input_ids"]
+    expected = tok_ref(text)["input_ids"]
+    assert tok_gguf(text)["input_ids"] == expected
+    # ... and so does llama.cpp's own tokenizer reading the same file
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    assert vocab.tokenize(text.encode(), add_bos=True, special=True) == expected
     if shape == "mha_tied_chat":
         msgs = [{"role": "user", "content": "hi"}]
         assert tok_gguf.apply_chat_template(msgs, tokenize=False) == tok_ref.apply_chat_template(msgs, tokenize=False)
         assert tok_gguf.eos_token == "<|im_end|>"
+        # (not compared with llama.cpp: for SentencePiece vocabularies it puts a "▁" after every special
+        # token, as HF's legacy LLaMA tokenizer did; no GGUF key changes that.)
 
 
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])

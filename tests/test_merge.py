@@ -99,9 +99,8 @@ def test_rslora_fan_in_rank_pattern_and_two_adapters_in_order(bases, tmp_path):
     assert result.verify.max_abs_diff <= 1e-4
     ref = peft_sequential_merge(base, [a1, a2], tmp_path / "ref")
     assert (_logits(_load(tmp_path / "out")) - _logits(ref)).abs().max().item() <= 1e-4
-    # order matters with... nothing (LoRA deltas add), but a different order of a replacement would:
-    swapped = peft_sequential_merge(base, [a2, a1], tmp_path / "ref2")
-    assert (_logits(swapped) - _logits(ref)).abs().max().item() <= 1e-4
+    only_first = peft_sequential_merge(base, [a1], tmp_path / "ref1")
+    assert (_logits(only_first) - _logits(ref)).abs().max().item() > 1e-2  # the second adapter counted
 
 
 def _extend_vocab_adapter(base: Path, out: Path, seed: int, extra: int, tied: bool) -> tuple[Path, int]:

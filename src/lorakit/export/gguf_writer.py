@@ -156,10 +156,10 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
     probe = tok("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
     writer.add_add_eos_token(bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id)
-    if not byte_level:
-        writer.add_add_space_prefix(bool("Prepend" in json.dumps(tj.get("normalizer") or {})
-                                         or '"prepend_scheme": "always"' in json.dumps(tj.get("pre_tokenizer") or {})
-                                         or not tj))
+    if not byte_level:  # SentencePiece's add_dummy_prefix: a "▁" before the text (Metaspace or a Prepend)
+        spec = json.dumps(tj.get("normalizer") or {}) + json.dumps(tj.get("pre_tokenizer") or {})
+        writer.add_add_space_prefix(not tj or '"Prepend"' in spec or '"prepend_scheme": "first"' in spec
+                                    or '"prepend_scheme": "always"' in spec)
     if getattr(tok, "chat_template", None):
         writer.add_chat_template(tok.chat_template)
 

@@ -73,14 +73,12 @@ class LoraAdapter:
             return [a[1], b[0]]
         return [b[0], a[1]]
 
-    def delta(self, name: str) -> torch.Tensor:
-        """scale * B @ A in fp32, oriented like the base tensor (transposed for embeddings/fan_in_fan_out)."""
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        """(A [r, in], B [out, r] in fp32, scale, transposed) of the update of `name`; the update is
+        scale * B @ A, transposed ((B @ A)^T = A^T @ B^T) for embeddings and fan_in_fan_out layers."""
         p = self.lora[name]
         a, b = self.tensor(p.a_key).float(), self.tensor(p.b_key).float()
-        d = b @ a
-        if p.embedding or p.fan_in_fan_out:
-            d = d.T
-        return d * p.scale
+        return a, b, p.scale, p.embedding or p.fan_in_fan_out
 
     def close(self) -> None:
         self._handle = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.merge.config import MergeConfig
-from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, tokenizer_source
+from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
 from lorakit.merge.safetensors_io import StreamingShardWriter, parse_size
 from lorakit.merge.streaming import iter_merged, plan_merge
 
@@ -40,9 +40,13 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
     base_dir = resolve_model_dir(base_model)
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     plan = plan_merge(base_dir, adapter_dirs, dtype)
-    tok_source = tokenizer_source(tokenizer, adapter_dirs, base_dir)
-    tok = load_tokenizer(base_dir, tok_source, add_pad_token=False)
-    check_vocab_rows(len(tok), plan.vocab_size, what=f"the merged model (tokenizer from {tok_source})")
+    tok_source: Path | None = tokenizer_source(tokenizer, adapter_dirs, base_dir)
+    if tok_source is not None and (tokenizer or has_tokenizer(tok_source)):
+        tok = load_tokenizer(base_dir, tok_source, add_pad_token=False)
+        check_vocab_rows(len(tok), plan.vocab_size, what=f"the merged model (tokenizer from {tok_source})")
+    else:
+        log.warning("no tokenizer in the base model or the adapters: the merged model gets none")
+        tok_source = None
     log.info("merging %d adapter(s) into %s: %d tensors, vocab %d", len(adapter_dirs), base_dir,
              len(plan.tensors), plan.vocab_size)
 
@@ -56,15 +60,14 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
             else:
                 writer = StreamingShardWriter(tmp, plan.tensors, parse_size(max_shard_size))
                 try:
-                    for name, tensor in merged:
-                        writer.write(name, tensor)
-                    files = writer.finish()
+                    files = writer.write_all(merged)
                 finally:
                     writer.close()
                 (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
                 if (base_dir / "generation_config.json").is_file():
                     shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
-            copy_tokenizer(tok_source, tmp)
+            if tok_source is not None:
+                copy_tokenizer(tok_source, tmp)
             result = MergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -209,6 +211,35 @@ class StreamingShardWriter:
         assert self._file is not None
         self._file.write(memoryview(flat.numpy()))
         self._pos += 1
+
+    def write_all(self, items: Iterable[tuple[str, torch.Tensor]], depth: int = 2) -> list[str]:
+        """Write every planned tensor from `items` and finish. Writing runs in a second thread, so the
+        disk works while the next tensor is computed (both release the GIL); at most `depth` tensors
+        wait in between."""
+        todo: queue.Queue = queue.Queue(maxsize=depth)
+        errors: list[BaseException] = []
+
+        def consume() -> None:
+            while (item := todo.get()) is not None:
+                if not errors:  # after an error keep draining so the producer never blocks
+                    try:
+                        self.write(*item)
+                    except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                        errors.append(e)
+
+        worker = threading.Thread(target=consume, name="lorakit-writer", daemon=True)
+        worker.start()
+        try:
+            for item in items:
+                if errors:
+                    break
+                todo.put(item)
+        finally:
+            todo.put(None)
+            worker.join()
+        if errors:
+            raise errors[0]
+        return self.finish()
 
     def finish(self) -> list[str]:
         if self._pos != len(self._order):

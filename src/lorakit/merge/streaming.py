@@ -124,18 +124,28 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
 
 
 def merged_tensor(plan: MergePlan, t: PlannedTensor) -> torch.Tensor:
-    """One output tensor: its planned steps (base, replacements, LoRA updates) in order, in fp32."""
+    """One output tensor: the last base/replacement in its plan, plus the LoRA updates after it,
+    added in place to an fp32 copy (W += scale * B @ A, one pass over W each), then cast."""
+    import torch
+
     from lorakit.merge.safetensors_io import torch_dtype
 
-    w = None
+    w, updates = None, []
     for op in plan.ops[t.name]:
         if op[0] == "base":
-            w = plan.base.get(op[1])
+            w, updates = plan.base.get(op[1]), []
         elif op[0] == "replace":
-            w = plan.adapters[op[1]].replacement(op[2])
+            w, updates = plan.adapters[op[1]].replacement(op[2]), []
         else:
-            w = w.float() + plan.adapters[op[1]].delta(op[2])
+            updates.append(plan.adapters[op[1]].factors(op[2]))
     assert w is not None
+    if updates:
+        w = w.to(torch.float32, copy=True)  # our own copy: never write into a file-backed tensor
+        for a, b, scale, transposed in updates:
+            if transposed:
+                w.addmm_(a.T, b.T, alpha=scale)
+            else:
+                w.addmm_(b, a, alpha=scale)
     return w.to(torch_dtype(t.dtype)).contiguous()
 
 
