@@ -60,7 +60,7 @@ class TrainOptions:
 
 
 @dataclass
-class FinetuneConfig(ModelOptions, PromptDataOptions, LoraOptions, TrainOptions):
+class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, ModelOptions):
     """Everything `lorakit finetune` needs; every field is a flag and a YAML key."""
 
     def validate(self) -> None:
@@ -71,7 +71,7 @@ class FinetuneConfig(ModelOptions, PromptDataOptions, LoraOptions, TrainOptions)
 
 
 @dataclass
-class EvalConfig(ModelOptions, PromptDataOptions):
+class EvalConfig(PromptDataOptions, ModelOptions):
     lora_weights: list[str] = opt([], "adapter folder(s) to apply, in order")
     micro_batch_size: int = opt(8, "examples per forward pass")
     exact_match: bool = opt(False, "also generate answers and report exact-match accuracy against the outputs")
