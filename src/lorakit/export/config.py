@@ -14,8 +14,8 @@ class ExportConfig:
     model: str = opt("", "model to export: a Hugging Face folder (e.g. a merged model), a .gguf or an alias")
     format: Literal["gguf", "pth"] = opt("gguf", "gguf (llama.cpp) or pth (Meta consolidated.NN.pth + params.json)")
     output: str = opt("", "output .gguf file (gguf) or folder (pth)")
-    outtype: Literal["f32", "f16", "bf16", "q8_0"] = opt("f16", "GGUF weight type (norms stay f32); pth keeps "
-                                                                "the model's dtype except with f32/f16/bf16")
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = opt("f16", "weight type: GGUF f32/f16/bf16/q8_0 (norms stay "
+                                                                "f32); pth f32/f16/bf16")
     verify: bool = opt(True, "reload the output (transformers' GGUF loader / lorakit's pth reader) and compare "
                              "logits with the source model")
     overwrite: bool = opt(False, "replace an existing output")
