@@ -222,3 +222,17 @@ def test_auto_template_prefers_the_adapters_training_template(tmp_path):
     assert choose_template("auto", with_chat, [tmp_path]) == "chat"
     assert choose_template("auto", without, []) == "alpaca"
     assert choose_template("vigogne", with_chat, [trained]) == "vigogne"
+
+
+@pytest.mark.real_model
+def test_real_model_answers_and_stops_at_end_of_turn():
+    """smollm2-135m through the engine: chat template by default, stops at <|im_end|> on its own."""
+    e = Engine.load(EngineOptions(base_model="smollm2-135m"))
+    try:
+        assert e.prompter.name == "chat"
+        r = e.complete(e.chat_ids([{"role": "user", "content": "What is the capital of France?"}]),
+                       GenerationParams(max_new_tokens=60))
+    finally:
+        e.close()
+    assert "Paris" in r.text
+    assert r.finish_reason == "stop" and r.completion_tokens < 60 and "<|im_end|>" not in r.text

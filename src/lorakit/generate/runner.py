@@ -75,6 +75,12 @@ def resolve_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 class Engine:
     """A loaded model + tokenizer + prompter, served by one batching worker thread."""
 
@@ -91,6 +97,9 @@ class Engine:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # A new thread's OpenMP team does not inherit torch.set_num_threads (measured: the worker ran
+        # single-threaded); the worker sets the creating thread's count so both paths compute alike.
+        self.num_threads = _torch_threads()
         self.batches_run = 0  # statistics: how many generate calls, and their sizes
         self.batch_sizes: list[int] = []
 
@@ -289,6 +298,9 @@ class Engine:
         return batch
 
     def _worker(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.num_threads)
         while True:
             first = self._queue.get()
             if first is None:
