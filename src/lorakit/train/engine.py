@@ -30,6 +30,8 @@ from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback, plot_losses
 from lorakit.train.config import LoraOptions, TrainOptions
+from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
+from lorakit.train.packed_attention import use_packed_attention
 from lorakit.train.precision import resolve_precision
 
 log = logging.getLogger("lorakit")
@@ -197,6 +199,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
+    if cfg.padding_free and collator is None and use_packed_attention(model):
+        log.info("padding-free batches: attention runs per example (%s)", PACKED_ATTENTION)
     set_seed(cfg.seed)  # the LoRA A init draws from the global RNG: same seed, same run
     peft_model = get_peft_model(model, lora_config(cfg))
     for p in peft_model.parameters():
