@@ -1,6 +1,7 @@
-"""The real smollm2-135m: merge a (random, non-zero) LoRA, export GGUF, and check that transformers'
-GGUF loader and llama.cpp itself (llama-cpp-python, built by scripts/setup.d/40-llama-cpp.sh) generate
-the same greedy tokens as the merged Hugging Face model."""
+"""The real smollm2-135m: merge a (random, non-zero) LoRA, export GGUF, and check that llama.cpp itself
+(llama-cpp-python, built by scripts/setup.d/40-llama-cpp.sh) generates the same greedy tokens as the
+merged Hugging Face model and computes the same logits. (transformers' GGUF loader is checked on the
+tiny models in test_export.py, where it is fast.)"""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from lorakit.export.run import export_model
-from lorakit.export.verify import compare, logits_of, probe_ids
+from lorakit.export.verify import logits_of, probe_ids
 from lorakit.merge.run import merge_model
 from lorakit.models import load_model, load_tokenizer, resolve_model_dir
 
@@ -52,7 +52,7 @@ def test_smollm2_merge_gguf_transformers_and_llama_cpp_agree(tmp_path):
     assert merged.verify.max_abs_diff <= merged.verify.tolerance
 
     gguf = tmp_path / "merged-f32.gguf"
-    export_model(str(tmp_path / "merged"), "gguf", gguf, "f32", verify=False)  # checked below instead
+    export_model(str(tmp_path / "merged"), "gguf", gguf, "f32", verify=False)  # llama.cpp checks it below
 
     tok = load_tokenizer(tmp_path / "merged", add_pad_token=False)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -66,11 +66,7 @@ def test_smollm2_merge_gguf_transformers_and_llama_cpp_agree(tmp_path):
     hf_tokens = _greedy_hf(hf_model, prompt)
     del base_model
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
-    compare(hf_logits, logits_of(gguf_model, ids), "f32", "GGUF (transformers loader)")
-    assert _greedy_hf(gguf_model, prompt) == hf_tokens
     assert tok.decode(hf_tokens).strip()
-    del gguf_model
 
     import numpy as np
     from llama_cpp import Llama

@@ -1,6 +1,6 @@
 """Logit round trips: does a written model compute what the in-memory reference computes?
 
-Used by `merge --verify` (reference: base + adapters merged in memory by PEFT, one after the other) and
+Used by `merge --verify` (reference: base + adapters applied in memory by PEFT, in order) and
 `export --verify` (reference: the exported HF model). The reference logits are computed first and the
 reference model freed before the written model is loaded, so a check never holds two models at once.
 The probes are fixed pseudo-random token ids covering the whole vocabulary (extended rows included).
@@ -90,12 +90,13 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, weight_type: str, 
 
 
 def merged_in_memory(base_model: str, adapters: Sequence[str], dtype: str = "float32") -> PreTrainedModel:
-    """The reference for a merge: PEFT merges each adapter in turn into the base (all in memory).
-
-    PEFT unties a tied lm_head itself when an adapter's embedding diverged from it (modules_to_save)."""
+    """The reference for a merge, computed by PEFT in memory: every adapter but the last merged in turn
+    (merge_and_unload), the last one left unmerged, so its update is applied on the fly in the forward
+    pass (x W^T + scale * x A^T B^T): independent of any merge arithmetic, and much faster than
+    merging it. PEFT unties a tied lm_head itself when an embedding diverged (modules_to_save)."""
     from lorakit.models import attach_adapters, load_model
 
     model = load_model(base_model, dtype)
-    for adapter in adapters:
+    for adapter in adapters[:-1]:
         model = attach_adapters(model, [adapter], merge=True)
-    return model
+    return attach_adapters(model, list(adapters[-1:]), merge=False)
