@@ -236,3 +236,26 @@ def test_real_model_answers_and_stops_at_end_of_turn():
         e.close()
     assert "Paris" in r.text
     assert r.finish_reason == "stop" and r.completion_tokens < 60 and "<|im_end|>" not in r.text
+
+
+def test_requests_join_a_running_batch_mid_flight(engine, model_tok):
+    """Continuous batching: a request arriving during another's generation joins it at the next step,
+    and both get exactly what they would get alone (greedy = HF generate; seeded sampling = run_batch)."""
+    model, tok = model_tok
+    long_ids, short_ids, late_ids = (engine.instruction_ids(t) for t in ("Tell a long tale", "Hi", "Late one"))
+    first_chunk = threading.Event()
+    long_req = engine.submit(long_ids, GenerationParams(max_new_tokens=60), on_text=lambda t: first_chunk.set())
+    assert first_chunk.wait(30)
+    before = len(engine.batch_sizes)
+    short_req = engine.submit(short_ids, GenerationParams(max_new_tokens=5))
+    sampled = GenerationParams(max_new_tokens=12, temperature=0.8, top_k=50, seed=11)
+    late_req = engine.submit(late_ids, sampled)
+    for r in (long_req, short_req, late_req):
+        assert r.finished.wait(60) and r.error is None
+    assert max(engine.batch_sizes[before:], default=0) >= 2  # joined the running batch
+    assert long_req.completion_tokens == 60 and short_req.completion_tokens == 5
+    assert long_req.text == hf_greedy(model, tok, long_ids, 60)
+    assert short_req.text == hf_greedy(model, tok, short_ids, 5)
+    alone = Request(late_ids, engine.with_template_stops(sampled))
+    run_batch(model, tok, [alone])
+    assert late_req.text == alone.text

@@ -86,13 +86,14 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, prompter: Prompter | ChatPrompter, *, base_name: str = "base",
                  adapter_names: Sequence[str] = (), merged_name: str | None = None, max_batch_size: int = 16,
-                 gather_ms: float = 20.0):
+                 gather_ms: float = 20.0, continuous: bool = True):
         self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
         self.base_name = base_name
         self.adapter_names = list(adapter_names)  # selectable (unmerged) adapters
         self.merged_name = merged_name            # set when adapters were merged into the weights
         self.max_batch_size = max_batch_size
         self.gather_s = gather_ms / 1000
+        self.continuous = continuous  # continuous batching in the worker (else fixed batches)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -201,16 +202,9 @@ class Engine:
 
     # ---- running ---------------------------------------------------------------------------------
     def _run(self, requests: list[Request]) -> None:
-        adapter = requests[0].adapter
-        peft = hasattr(self.model, "disable_adapter") and hasattr(self.model, "set_adapter")
-        ctx: Any = contextlib.nullcontext()
-        if peft and adapter is None:
-            ctx = self.model.disable_adapter()
-        elif peft:
-            self.model.set_adapter(adapter)
         self.batches_run += 1
         self.batch_sizes.append(len(requests))
-        with ctx:
+        with self._adapter_context(requests[0].adapter):
             run_batch(self.model, self.tokenizer, requests)
 
     def run_now(self, requests: list[Request]) -> None:
@@ -297,10 +291,89 @@ class Engine:
             batch.append(item)
         return batch
 
+    def _adapter_context(self, adapter: str | None) -> Any:
+        """Activate `adapter` on an unmerged PeftModel (None: the base weights) for one model call."""
+        if not (hasattr(self.model, "disable_adapter") and hasattr(self.model, "set_adapter")):
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
     def _worker(self) -> None:
         import torch
 
         torch.set_num_threads(self.num_threads)
+        if self.continuous:
+            self._continuous_worker()
+        else:
+            self._static_worker()
+
+    def _continuous_worker(self) -> None:
+        """Continuous batching (see continuous.py): arrivals join the running batch at the next step."""
+        import torch
+
+        from lorakit.generate.continuous import RunningBatch
+
+        running = RunningBatch(self.model, self.tokenizer, lambda r: r._finish())
+        adapter: str | None = None
+        pending: list[Request] = []
+        while True:
+            if not running and not pending:
+                first = self._queue.get()
+                if first is None:
+                    return
+                pending.extend(self._gather(first))
+            while True:  # whatever else arrived meanwhile
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    running.fail_all(None)
+                    for r in pending:
+                        r.finish_reason = "cancelled"
+                        r._finish()
+                    return
+                pending.append(item)
+            for r in [r for r in pending if r.cancelled.is_set()]:
+                pending.remove(r)
+                r.finish_reason = "cancelled"
+                r._finish()
+            if not running and pending:
+                head = pending[0]
+                if head.params.num_beams > 1:  # beam search: a fixed batch through HF generate
+                    group = [r for r in pending if (r.adapter, r.params.batch_key()) ==
+                             (head.adapter, head.params.batch_key())][: self.max_batch_size]
+                    for r in group:
+                        pending.remove(r)
+                    self.run_now(group)
+                    continue
+                adapter = head.adapter
+            room = self.max_batch_size - len(running)
+            admit = [r for r in pending if r.params.num_beams == 1 and r.adapter == adapter][:max(room, 0)]
+            with self._lock, torch.inference_mode():
+                try:
+                    if admit:
+                        for r in admit:
+                            pending.remove(r)
+                        with self._adapter_context(adapter):
+                            running.add(admit)
+                        self.batches_run += 1
+                        self.batch_sizes.append(len(running))
+                    if running:
+                        with self._adapter_context(adapter):
+                            running.step()
+                except Exception as e:  # noqa: BLE001 (reported to each request's owner)
+                    log.exception("generation failed")
+                    for r in admit:
+                        if r not in running.requests and not r.finished.is_set():
+                            r.error = e
+                            r._finish()
+                    running.fail_all(e)
+
+    def _static_worker(self) -> None:
+        """Fixed batches through HF generate: a batch runs to its end before the next starts."""
         while True:
             first = self._queue.get()
             if first is None:

@@ -57,10 +57,12 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 class RowSampler(LogitsProcessor):
     """Per-row repetition penalty and sampling (see module doc). `starts[i]`: first real (unpadded) column."""
 
-    def __init__(self, params: Sequence[GenerationParams], starts: Sequence[int]):
+    def __init__(self, params: Sequence[GenerationParams], starts: Sequence[int],
+                 generators: Sequence[torch.Generator | None] | None = None):
         self.params = list(params)
         self.starts = list(starts)
-        self.generators = [make_generator(p.seed) if p.temperature > 0 else None for p in self.params]
+        self.generators = list(generators) if generators is not None else [
+            make_generator(p.seed) if p.temperature > 0 else None for p in self.params]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """input_ids (batch, length), scores (batch, vocab) -> processed scores (batch, vocab)."""
