@@ -47,8 +47,7 @@ def _from_gguf(path: Path):
 def test_gguf_f32_round_trip_through_transformers_loader(models, tmp_path, shape):
     src = models[shape]
     out = tmp_path / "model.gguf"
-    result = export_model(str(src), "gguf", out, "f32")
-    assert result.verify is not None and result.verify.max_abs_diff <= 1e-4
+    export_model(str(src), "gguf", out, "f32", verify=False)  # compared here, independently of --verify
     ref, got = _logits(_hf(src)), _logits(_from_gguf(out))
     assert (ref - got).abs().max().item() <= 1e-4
     # metadata llama.cpp needs
