@@ -5,5 +5,7 @@
 """
 
 from lorakit.generate.engine import GenerationParams, Request, generate_batch, run_batch
+from lorakit.generate.runner import Engine, PromptTooLongError, TextStream, UnknownModelError
 
-__all__ = ["GenerationParams", "Request", "generate_batch", "run_batch"]
+__all__ = ["Engine", "GenerationParams", "PromptTooLongError", "Request", "TextStream", "UnknownModelError",
+           "generate_batch", "run_batch"]

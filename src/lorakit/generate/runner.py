@@ -1,10 +1,11 @@
 """`Engine`: a model loaded once, plus a background worker that batches concurrent requests.
 
-Dynamic batching: one worker thread owns the model. It takes the first queued request, waits a few
-milliseconds for more (`gather_ms`), and runs everything it gathered (up to `max_batch_size`) as one
-left-padded batch, grouped by adapter and by `GenerationParams.batch_key()`. Requests that arrive while a
-batch is running queue up and form the next batch, so N concurrent clients cost about one batch of N
-rather than N sequential generations. Each request streams text through its callbacks; cancelling a
+Dynamic batching: one worker thread owns the model. When idle, it takes the first queued request and
+waits a few milliseconds (`gather_ms`, restarting with each arrival) so a burst is prefilled together.
+With `continuous` (the default) it then decodes a running batch step by step, and requests that arrive
+meanwhile join it at the next step while finished ones leave (see continuous.py); without it, fixed
+batches run through HF `generate` one after another (`run_batch`, also used for beam search). Requests
+with different adapters take turns. Each request streams text through its callbacks; cancelling a
 request (client gone) ends its row at the next token.
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
 from lorakit.generate.engine import GenerationParams, Request, run_batch
+from lorakit.generate.loading import _adapter_tokenizer, choose_template, resolve_dtype
 
 if TYPE_CHECKING:
     from lorakit.generate.config import EngineOptions
@@ -36,43 +38,6 @@ class PromptTooLongError(LorakitError):
 
 class UnknownModelError(LorakitError):
     """A request named a model/adapter the engine does not serve."""
-
-
-def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> str:
-    """Resolve `--prompt-template auto`: the adapter's training template (its lorakit_config.yaml), else
-    `chat` when the tokenizer has a chat template, else `alpaca`."""
-    if name != "auto":
-        return name
-    import yaml
-
-    for d in adapter_dirs:
-        cfg_file = Path(d) / "lorakit_config.yaml"
-        if cfg_file.is_file():
-            with contextlib.suppress(yaml.YAMLError, OSError):
-                template = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("prompt_template")
-                if isinstance(template, str) and template:
-                    return template
-    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-
-
-def _adapter_tokenizer(adapter_dirs: Sequence[Path]) -> Path | None:
-    """An adapter folder that carries its own tokenizer (finetune saves it; needed for extended vocab)."""
-    for d in adapter_dirs:
-        if (d / "tokenizer_config.json").is_file() and any(
-                (d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            return d
-    return None
-
-
-def resolve_dtype(precision: str):
-    import torch
-
-    if precision == "auto":
-        # Measured for decoding on a 2-core CPU: fp32 beats bf16 at batch 1 and 8 (see benchmarks/).
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _torch_threads() -> int:
