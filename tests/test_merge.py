@@ -225,3 +225,16 @@ def test_cli_help_lists_verbs():
     run = subprocess.run([sys.executable, "-m", "lorakit", "merge", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0 and "--lora-model" in run.stdout and "--output-type" in run.stdout
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_lora_on_tied_embeddings_unties_like_the_trained_forward(bases, tmp_path, target):
+    """LoRA on embed_tokens (or lm_head) of a tied model changed only that matrix in PEFT's forward pass
+    (what training optimised), so the merge unties them. (PEFT's own merge_and_unload adds the update to
+    the shared matrix instead, changing the other one too; the unmerged forward is the reference here.)"""
+    base = bases["mha_tied"]
+    adapter = make_adapter(base, tmp_path / "a", seed=10, target_modules=["q_proj", target])
+    merge_model(str(base), [str(adapter)], tmp_path / "out", verify=False)
+    reference = PeftModel.from_pretrained(_load(base), adapter).eval()
+    assert (_logits(_load(tmp_path / "out")) - _logits(reference)).abs().max().item() <= 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False

@@ -65,9 +65,11 @@ def _out_dtype(requested: str, base_dtype: torch.dtype) -> torch.dtype:
 def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "auto") -> MergePlan:
     """Check the adapters against the base (headers only) and plan the merged checkpoint.
 
-    Tied embeddings follow PEFT: LoRA updates and `base_layer` replacements change the one shared matrix;
-    an adapter that keeps its own copy (modules_to_save of embed_tokens or lm_head) unties them, and
-    lm_head keeps the matrix as it was before that copy (the one the adapter was trained against).
+    Tied embeddings: the merged model computes what base + adapter computed in training (PEFT's forward
+    pass). An adapter that changes embed_tokens or lm_head on its own (LoRA, or a modules_to_save copy)
+    changed only that one in its forward pass, so the two are untied: each starts from the shared
+    matrix as it was, and only the targeted one gets the change. Replacing the shared base layer
+    (`base_layer.weight`) keeps them tied.
     """
     base = SafetensorsFolder(base_dir)
     config = json.loads((base_dir / "config.json").read_text())
@@ -81,8 +83,8 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
     src_dtype = {n: base.dtype(n) for n in names}
 
     for i, a in enumerate(adapters):
-        own_copy = HEAD in a.replace or (EMBED in a.replace and EMBED not in a.in_place)
-        if tied and own_copy:
+        own_change = any(n in a.lora or (n in a.replace and n not in a.in_place) for n in (EMBED, HEAD))
+        if tied and own_change:
             tied = False
             names.append(HEAD)
             ops[HEAD], shapes[HEAD], src_dtype[HEAD] = list(ops[EMBED]), list(shapes[EMBED]), src_dtype[EMBED]
@@ -97,7 +99,7 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
             shapes[name] = new
             ops[name].append(("replace", i, name))
         for name in a.lora:
-            target = EMBED if (tied and name == HEAD) else name  # one shared matrix while tied
+            target = name
             if target not in shapes:
                 raise MismatchError(f"adapter {a.path} targets {name.removesuffix('.weight')!r} which the base "
                                     f"model {base_dir} does not have (made for another architecture?)")
