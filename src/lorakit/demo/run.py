@@ -57,7 +57,7 @@ def run_demo(cfg: DemoConfig) -> int:
         train_on_inputs=False, cutoff_len=128, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, warmup_steps=5, lr_scheduler="cosine",
         lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, lora_target_modules=["all-linear"],
-        val_set_size=32, eval_steps=20, save_steps=cfg.max_steps, logging_steps=5, precision=cfg.precision,
+        val_set_size=32, eval_steps=16, save_steps=cfg.max_steps, logging_steps=5, precision=cfg.precision,
         seed=cfg.seed, overwrite=True)
     print(f"fine-tuning LoRA (r={cfg.lora_r}, all linear layers, {cfg.max_steps} steps of {cfg.batch_size}) ...",
           flush=True)

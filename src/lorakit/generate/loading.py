@@ -25,15 +25,6 @@ def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> 
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
-def _adapter_tokenizer(adapter_dirs: Sequence[Path]) -> Path | None:
-    """An adapter folder that carries its own tokenizer (finetune saves it; needed for extended vocab)."""
-    for d in adapter_dirs:
-        if (d / "tokenizer_config.json").is_file() and any(
-                (d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            return d
-    return None
-
-
 def resolve_dtype(precision: str):
     import torch
 

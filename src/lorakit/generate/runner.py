@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
 from lorakit.generate.engine import GenerationParams, Request, run_batch
-from lorakit.generate.loading import _adapter_tokenizer, choose_template, resolve_dtype
+from lorakit.generate.loading import choose_template, resolve_dtype
 
 if TYPE_CHECKING:
     from lorakit.generate.config import EngineOptions
@@ -73,28 +73,17 @@ class Engine:
     @classmethod
     def load(cls, opts: EngineOptions, merge: bool | None = None, **kwargs: Any) -> Engine:
         """Load base model, adapters (merged or selectable), tokenizer and prompt template once."""
-        from lorakit.models import (
-            attach_adapters,
-            check_vocab,
-            ensure_pad_token,
-            load_model,
-            load_tokenizer,
-            resolve_adapter_dir,
-            resolve_model_dir,
-        )
+        from lorakit.models import load_model_and_tokenizer, resolve_adapter_dir
         from lorakit.prompts import get_prompter
 
         merge = opts.merge if merge is None else merge
         specs = opts.adapter_specs()
         dirs = [resolve_adapter_dir(p) for _, p in specs]
-        model_dir = resolve_model_dir(opts.base_model)
-        tokenizer = load_tokenizer(model_dir, opts.tokenizer or _adapter_tokenizer(dirs), add_pad_token=False)
-        pad_added = ensure_pad_token(tokenizer)
+        model, tokenizer = load_model_and_tokenizer(opts.base_model, opts.tokenizer, [str(d) for d in dirs],
+                                                    dtype=resolve_dtype(opts.precision), merge=merge,
+                                                    names=[n for n, _ in specs])
         template = choose_template(opts.prompt_template, tokenizer, dirs)
         prompter = get_prompter(template, tokenizer)
-        model = load_model(model_dir, resolve_dtype(opts.precision))
-        model = attach_adapters(model, dirs, names=[n for n, _ in specs], merge=merge)
-        check_vocab(tokenizer, model, allow_resize=pad_added)
         import torch
 
         if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.errors import ModelNotFoundError, OutputExistsError
+from lorakit.models import adapter_tokenizer_dir
 
 log = logging.getLogger("lorakit")
 
@@ -81,10 +82,7 @@ def tokenizer_source(tokenizer: str | None, adapter_dirs: list[Path], base_dir: 
         if p.is_file() or (p.is_dir() and has_tokenizer(p)):
             return p
         raise ModelNotFoundError(tokenizer, [f"tokenizer folder, tokenizer.model or .gguf at {p}"])
-    for d in reversed(adapter_dirs):
-        if has_tokenizer(d):
-            return d
-    return base_dir
+    return adapter_tokenizer_dir(adapter_dirs) or base_dir
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:

@@ -1,6 +1,7 @@
 """The one place where models, tokenizers and adapters are located and loaded. Every verb uses it."""
 
 from lorakit.models.load import (
+    adapter_tokenizer_dir,
     adapter_vocab_size,
     attach_adapters,
     check_vocab,
@@ -15,6 +16,7 @@ from lorakit.models.resolve import ALIASES, resolve_adapter_dir, resolve_model_d
 
 __all__ = [
     "ALIASES",
+    "adapter_tokenizer_dir",
     "adapter_vocab_size",
     "attach_adapters",
     "check_vocab",

@@ -183,12 +183,28 @@ def attach_adapters(model: PreTrainedModel, adapters: Sequence[str | os.PathLike
     return peft_model
 
 
+def adapter_tokenizer_dir(adapter_dirs: Sequence[str | os.PathLike[str]]) -> Path | None:
+    """The last adapter folder that ships its own tokenizer (finetune and pretrain save it; an
+    extended-vocabulary adapter needs it), or None."""
+    for d in reversed([Path(a) for a in adapter_dirs]):
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
+            return d
+    return None
+
+
 def load_model_and_tokenizer(base_model: str, tokenizer: str | None = None, adapters: Sequence[str] = (),
-                             dtype: str | None = None, merge: bool = False):
-    """Everything a verb needs to run a model: (model, tokenizer), vocabularies checked."""
-    tok = load_tokenizer(resolve_model_dir(base_model), tokenizer, add_pad_token=False)
+                             dtype: torch.dtype | str | None = None, merge: bool = False,
+                             names: Sequence[str] | None = None):
+    """Everything a verb needs to run a model: (model, tokenizer), vocabularies checked.
+
+    The tokenizer is `tokenizer` if given, else the last adapter's own (if it ships one), else the
+    base model's; extended-vocabulary adapters resize the embeddings before loading.
+    """
+    adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
+    tok = load_tokenizer(resolve_model_dir(base_model), tokenizer or adapter_tokenizer_dir(adapter_dirs),
+                         add_pad_token=False)
     pad_added = ensure_pad_token(tok)
     model = load_model(base_model, dtype)
-    model = attach_adapters(model, adapters, merge=merge)
+    model = attach_adapters(model, adapter_dirs, names=names, merge=merge)
     check_vocab(tok, model, allow_resize=pad_added)
     return model, tok
