@@ -14,7 +14,7 @@ class DemoConfig:
     output_dir: str = opt("outputs/demo", "where the data, adapter and report go")
     num_train: int = opt(512, "generated training examples")
     num_test: int = opt(60, "held-out examples for accuracy (never trained on)")
-    max_steps: int = opt(32, "optimizer steps")
+    max_steps: int = opt(48, "optimizer steps")
     batch_size: int = opt(16, "examples per optimizer step")
     micro_batch_size: int = opt(8, "examples per forward pass")
     learning_rate: float = opt(1e-3, "peak learning rate")
