@@ -8,6 +8,11 @@ VENV=.venv
 PY="$VENV/bin/python"
 PIP="$VENV/bin/pip --disable-pip-version-check --quiet"
 
+# A venv that no longer runs (moved folder, removed interpreter) is rebuilt rather than patched.
+if [ -d "$VENV" ] && ! "$PY" -c "import sys" >/dev/null 2>&1; then
+  echo "[setup] $VENV is broken: recreating it"
+  rm -rf "$VENV"
+fi
 [ -x "$PY" ] || python3 -m venv "$VENV"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
