@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import CHATML_TEMPLATE, make_tiny_llama  # noqa: E402
+from tiny_models import CHATML_TEMPLATE, SHARED_DATA, make_tiny_llama  # noqa: E402
 
 __all__ = ["CHATML_TEMPLATE", "ROOT", "SHARED_DATA", "make_tiny_llama"]
 
