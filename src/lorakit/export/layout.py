@@ -82,22 +82,22 @@ class Mapped:
         return self.rule.hf.format(self.layer)
 
 
-def map_hf(name: str) -> Mapped | None:
-    """The rule for HF tensor `name` (None if it is not a LLaMA tensor)."""
-    for pattern, rule in _COMPILED:
+def _match(name: str, compiled) -> Mapped | None:
+    for pattern, rule in compiled:
         m = pattern.fullmatch(name)
         if m:
             return Mapped(rule, int(m.group(1)) if m.groups() else None)
     return None
+
+
+def map_hf(name: str) -> Mapped | None:
+    """The rule for HF tensor `name` (None if it is not a LLaMA tensor)."""
+    return _match(name, _COMPILED)
 
 
 def map_meta(name: str) -> Mapped | None:
     """The rule for Meta tensor `name` (e.g. `layers.3.attention.wq.weight`)."""
-    for pattern, rule in _META_COMPILED:
-        m = pattern.fullmatch(name)
-        if m:
-            return Mapped(rule, int(m.group(1)) if m.groups() else None)
-    return None
+    return _match(name, _META_COMPILED)
 
 
 def check_llama_names(names: list[str], where: str) -> None:

@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from lorakit.config import save_yaml
 from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
-from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback, plot_losses
+from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
@@ -226,16 +226,17 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     # Trainer already evaluates at the last step (eval_strategy "steps"); evaluate again only if not.
     final_evals = [h["eval_loss"] for h in trainer.state.log_history
                    if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-    eval_loss = final_evals[-1] if final_evals else trainer.evaluate()["eval_loss"] if eval_data else None
+    if eval_data and not final_evals:
+        final_evals = [trainer.evaluate()["eval_loss"]]
+    eval_loss = final_evals[-1] if final_evals else None
+    if not math.isfinite(result.training_loss):  # checkpoints stay; no finished-looking adapter is written
+        raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
 
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, cfg, out)
-        plot_losses(trainer.state.log_history, out / "loss.png")
+        _save_final(trainer, tokenizer, cfg, out)  # loss.png was drawn by LossPlotCallback.on_train_end
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     peak_rss = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    if not math.isfinite(result.training_loss):
-        raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
     return TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
                         train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
                         tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
