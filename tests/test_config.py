@@ -68,3 +68,23 @@ def test_every_field_is_documented():
     for f in dataclasses.fields(config):
         assert f.metadata.get("help"), f"{f.name} has no help text"
     assert build_config(FinetuneConfig, {"data_path": "x"}) == config
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["merge", "--output-dir", "out"], "--lora-model"),
+    (["infer", "--data-file", "in.jsonl"], "--output"),
+    (["export", "--model", "m"], "--output"),
+    (["pretrain"], "--data-path"),
+])
+def test_required_options_are_refused_when_empty(capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"missing required option {flag}" in capsys.readouterr().err
+
+
+def test_required_options_say_so_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "merged in the given order (comma list) (required)" in help_text

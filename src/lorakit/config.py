@@ -22,9 +22,13 @@ from lorakit.errors import ConfigError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with a help text. Mutable defaults (lists) are copied per instance."""
-    meta = {"help": help}
+def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = False, **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with a help text. Mutable defaults (lists) are copied per instance.
+
+    `required=True` keeps an empty default (so option groups can still be combined by inheritance)
+    but makes `build_config` refuse the option when it is left empty.
+    """
+    meta = {"help": help, "required": required}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -57,7 +61,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default = f.default_factory()  # type: ignore[misc]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
-        if not required:
+        if required or f.metadata.get("required"):
+            help_text += " (required)"
+        else:
             help_text += f" (default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
@@ -129,6 +135,9 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "options") 
         if missing and f.name not in kwargs:
             raise ConfigError(f"missing required option {flag_name(f.name)}")
     cfg = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("required") and getattr(cfg, f.name) in ("", [], None):
+            raise ConfigError(f"missing required option {flag_name(f.name)}")
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()

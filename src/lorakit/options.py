@@ -20,7 +20,8 @@ class ModelOptions:
 
 @dataclass
 class PromptDataOptions:
-    data_path: str = opt("", "instruction data: .json (array) / .jsonl with alpaca, messages or conversations records")
+    data_path: str = opt("", "instruction data: .json (array) / .jsonl with alpaca, messages or conversations records",
+                         required=True)
     prompt_template: str = opt("alpaca", "alpaca, alpaca_short, alpaca_legacy, vigogne, chinese_alpaca, chat "
                                          "(the tokenizer's chat template) or a path to a JSON template")
     cutoff_len: int = opt(256, "maximum tokens per example (longer ones are truncated)")
@@ -29,7 +30,5 @@ class PromptDataOptions:
     skip_invalid: bool = opt(False, "skip invalid records (and report how many) instead of stopping")
 
     def validate_data(self) -> None:
-        if not self.data_path:
-            raise ConfigError("missing required option --data-path")
         if self.cutoff_len < 8:
             raise ConfigError("--cutoff-len must be at least 8")

@@ -80,17 +80,13 @@ class InferConfig(EngineOptions, SamplingOptions):
     """`lorakit infer`: a response for every record of a data file, written in order, resumable."""
 
     data_file: str = opt("", "input .jsonl/.json: alpaca records (instruction/input) or chat records "
-                              "(messages/conversations)")
-    output: str = opt("", "output .jsonl: each input record plus a \"response\" field")
+                              "(messages/conversations)", required=True)
+    output: str = opt("", "output .jsonl: each input record plus a \"response\" field", required=True)
     batch_size: int = opt(8, "prompts generated together (left-padded)")
     limit: int = opt(0, "only the first N records (0: all)")
 
     def validate(self) -> None:
         self.generation_params()
         self.adapter_specs()
-        if not self.data_file:
-            raise ConfigError("missing required option --data-file")
-        if not self.output:
-            raise ConfigError("missing required option --output")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")

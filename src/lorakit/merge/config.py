@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lorakit.config import opt
-from lorakit.errors import ConfigError
 
 
 @dataclass
 class MergeConfig:
     base_model: str = opt("smollm2-135m", "base model: a Hugging Face safetensors folder, a .gguf file or an alias")
-    lora_model: list[str] = opt([], "LoRA adapter folder(s), merged in the given order (comma list)")
-    output_dir: str = opt("", "folder for the merged model (written to a temporary folder, renamed at the end)")
+    lora_model: list[str] = opt([], "LoRA adapter folder(s), merged in the given order (comma list)", required=True)
+    output_dir: str = opt("", "folder for the merged model (written to a temporary folder, renamed at the end)",
+                          required=True)
     output_type: Literal["huggingface", "pth"] = opt("huggingface", "huggingface (sharded safetensors) or pth "
                                                                     "(Meta consolidated.NN.pth + params.json)")
     tokenizer: str | None = opt(None, "tokenizer for the merged model (default: the last adapter's, else the base's)")
@@ -25,10 +25,6 @@ class MergeConfig:
     overwrite: bool = opt(False, "replace a non-empty --output-dir")
 
     def validate(self) -> None:
-        if not self.lora_model:
-            raise ConfigError("missing required option --lora-model")
-        if not self.output_dir:
-            raise ConfigError("missing required option --output-dir")
         from lorakit.merge.safetensors_io import parse_size
 
         parse_size(self.max_shard_size)

@@ -15,7 +15,7 @@ class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
     """Everything `lorakit pretrain` needs; every field is a flag and a YAML key."""
 
     data_path: str = opt("", "raw text: .txt (one document per non-empty line), .jsonl with `text`, or a folder "
-                             "of such files")
+                             "of such files", required=True)
     block_size: int = opt(512, "tokens per training block (documents are concatenated with EOS, then cut)")
     # Chinese-LLaMA trains the (resized) embeddings and output layer fully alongside the LoRA.
     modules_to_save: list[str] = opt(["embed_tokens", "lm_head"], "modules trained fully and saved with the "
@@ -24,8 +24,6 @@ class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
     val_set_size: int = opt(0, "blocks held out for evaluation (0: none)")
 
     def validate(self) -> None:
-        if not self.data_path:
-            raise ConfigError("missing required option --data-path")
         if self.block_size < 8:
             raise ConfigError("--block-size must be at least 8")
         if self.lora_r < 1:
