@@ -12,7 +12,7 @@ from pathlib import Path
 from lorakit.merge.config import MergeConfig
 from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
 from lorakit.merge.safetensors_io import StreamingShardWriter, parse_size
-from lorakit.merge.streaming import iter_merged, plan_merge
+from lorakit.merge.streaming import iter_merged, plan_merge, write_merged
 
 log = logging.getLogger("lorakit")
 
@@ -52,15 +52,16 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
 
     try:
         with atomic_dir(out, overwrite) as tmp:
-            merged = tqdm(iter_merged(plan), total=len(plan.tensors), desc="merging", unit="tensor", leave=False)
+            bar = {"total": len(plan.tensors), "desc": "merging", "unit": "tensor", "leave": False}
             if output_type == "pth":
                 from lorakit.export.pth import write_pth
 
-                files = write_pth(merged, plan.config, tmp)
+                files = write_pth(tqdm(iter_merged(plan), **bar), plan.config, tmp)
             else:
                 writer = StreamingShardWriter(tmp, plan.tensors, parse_size(max_shard_size))
                 try:
-                    files = writer.write_all(merged)
+                    with tqdm(**bar) as progress:
+                        files = write_merged(plan, writer, progress.update)
                 finally:
                     writer.close()
                 (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")

@@ -16,7 +16,7 @@ import math
 import queue
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -80,14 +80,19 @@ class SafetensorsFolder:
             hint = f" (found {', '.join(found[:3])}: convert it to safetensors first)" if found else ""
             raise ModelNotFoundError(str(self.folder), [f"{SINGLE_NAME} or {INDEX_NAME} in {self.folder}{hint}"])
         self._info: dict[str, tuple[str, str, list[int]]] = {}  # name -> (file, dtype, shape)
+        self._offsets: dict[str, tuple[int, int]] = {}  # name -> (start, end) byte offsets in its file
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
         for fname in files:
             path = self.folder / fname
             if not path.is_file():
                 raise ModelNotFoundError(fname, [f"shard {path} listed in {INDEX_NAME}"])
-            for name, meta in read_header(path).items():
+            header = read_header(path)
+            data_start = 8 + header.pop("__header_bytes__")
+            for name, meta in header.items():
                 if name != "__metadata__":
                     self._info[name] = (fname, meta["dtype"], list(meta["shape"]))
+                    start, end = meta["data_offsets"]
+                    self._offsets[name] = (data_start + start, data_start + end)
         self._open_file: str | None = None
         self._handle: Any = None
 
@@ -104,6 +109,10 @@ class SafetensorsFolder:
 
     def nbytes(self) -> int:
         return sum(_nbytes(d, s) for _, d, s in self._info.values())
+
+    def location(self, name: str) -> FileRange:
+        start, end = self._offsets[name]
+        return FileRange(self.folder / self._info[name][0], start, end - start)
 
     def __contains__(self, name: str) -> bool:
         return name in self._info
@@ -125,7 +134,8 @@ class SafetensorsFolder:
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data."""
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data;
+    its length in bytes is added as `__header_bytes__` (the data starts 8 bytes after that)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -134,9 +144,13 @@ def read_header(path: Path) -> dict[str, Any]:
         if n > 100_000_000:
             raise MismatchError(f"{path}: not a safetensors file (bad header size)")
         try:
-            return json.loads(f.read(n))
+            header = json.loads(f.read(n))
         except ValueError:
             raise MismatchError(f"{path}: not a safetensors file (bad header)") from None
+        if not isinstance(header, dict):
+            raise MismatchError(f"{path}: not a safetensors file (bad header)")
+        header["__header_bytes__"] = n
+        return header
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -157,6 +171,43 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return _nbytes(self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes of a tensor inside a file, to be copied verbatim (by the kernel, never through Python)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+class BufferPool:
+    """A few output buffers handed out in turn: `acquire` blocks until the writer has `release`d one.
+
+    Reused buffers keep their pages: on this kind of VM a fresh 20-50 MB allocation per tensor costs
+    more in page faults than the merge arithmetic itself."""
+
+    def __init__(self, count: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(None)  # allocated on first use, at the size then needed
+        self._owner: dict[int, Any] = {}  # id(handed-out view) -> its buffer
+
+    def acquire(self, t: PlannedTensor) -> torch.Tensor:
+        import torch
+
+        buf = self._free.get()
+        if buf is None or buf.numel() < t.nbytes:
+            buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        view = buf[: t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
+        self._owner[id(view)] = buf
+        return view
+
+    def release(self, payload: Any) -> None:
+        buf = self._owner.pop(id(payload), None)
+        if buf is not None:
+            self._free.put(buf)
 
 
 class StreamingShardWriter:
@@ -193,29 +244,39 @@ class StreamingShardWriter:
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
-        self._file = open(self.folder / self.file_names[i], "wb")  # noqa: SIM115 (closed in _start_shard/finish)
+        # unbuffered: file ranges are copied by the kernel at the descriptor's position
+        self._file = open(self.folder / self.file_names[i], "wb", buffering=0)  # noqa: SIM115 (closed in _start_shard/finish)
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
         self._file_index = i
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | FileRange) -> None:
+        """Write the next planned tensor: a tensor's bytes, or a `FileRange` of the same size and dtype
+        (copied by the kernel)."""
         i, t = self._order[self._pos]
-        if name != t.name or list(tensor.shape) != t.shape or st_dtype(tensor.dtype) != t.dtype:
+        if isinstance(tensor, FileRange):
+            if name != t.name or tensor.nbytes != t.nbytes:
+                raise RuntimeError(f"writer expected {t.name} ({t.nbytes} bytes), got {name} ({tensor.nbytes} bytes)")
+        elif name != t.name or list(tensor.shape) != t.shape or st_dtype(tensor.dtype) != t.dtype:
             raise RuntimeError(f"writer expected {t.name} {t.dtype}{t.shape}, got {name} "
                                f"{st_dtype(tensor.dtype)}{list(tensor.shape)}")
         if i != self._file_index:
             self._start_shard(i)
-        import torch
-
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian on x86/ARM
         assert self._file is not None
-        self._file.write(memoryview(flat.numpy()))
+        if isinstance(tensor, FileRange):
+            _copy_range(tensor, self._file)
+        else:
+            import torch
+
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian on x86/ARM
+            _write_fully(self._file, memoryview(flat.numpy()))
         self._pos += 1
 
-    def write_all(self, items: Iterable[tuple[str, torch.Tensor]], depth: int = 2) -> list[str]:
+    def write_all(self, items: Iterable[tuple[str, torch.Tensor | FileRange]], depth: int = 2,
+                  on_written: Callable[[Any], None] | None = None) -> list[str]:
         """Write every planned tensor from `items` and finish. Writing runs in a second thread, so the
         disk works while the next tensor is computed (both release the GIL); at most `depth` tensors
-        wait in between."""
+        wait in between. `on_written(payload)` is called once each payload is on disk (to reuse it)."""
         todo: queue.Queue = queue.Queue(maxsize=depth)
         errors: list[BaseException] = []
 
@@ -226,6 +287,8 @@ class StreamingShardWriter:
                         self.write(*item)
                     except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
                         errors.append(e)
+                if on_written is not None:
+                    on_written(item[1])  # also after an error: a producer may be waiting for the buffer
 
         worker = threading.Thread(target=consume, name="lorakit-writer", daemon=True)
         worker.start()
@@ -258,6 +321,34 @@ class StreamingShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _write_fully(dest: BinaryIO, view: memoryview) -> None:
+    while view:  # an unbuffered file may write less than asked
+        view = view[dest.write(view):]
+
+
+def _copy_range(source: FileRange, dest: BinaryIO) -> None:
+    """Append `source`'s bytes to `dest` with copy_file_range (no user-space copy; falls back to
+    read/write where the kernel or file system refuses)."""
+    import os
+
+    with open(source.path, "rb", buffering=0) as src:
+        offset, left = source.offset, source.nbytes
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), dest.fileno(), left, offset)
+                if n == 0:
+                    raise MismatchError(f"{source.path}: ends before byte {offset} (truncated file?)")
+                offset, left = offset + n, left - n
+        except (AttributeError, OSError):  # no copy_file_range (old kernel, other OS, cross-device)
+            src.seek(offset)
+            while left:
+                chunk = src.read(min(left, 64 << 20))
+                if not chunk:
+                    raise MismatchError(f"{source.path}: ends before byte {offset} (truncated file?)") from None
+                _write_fully(dest, memoryview(chunk))
+                offset, left = offset + len(chunk), left - len(chunk)
 
 
 def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]]:
