@@ -1,10 +1,13 @@
 """Peak memory and wall time of `lorakit merge` vs PEFT merge_and_unload + save_pretrained vs `cp`.
 
 Builds a random LLaMA base of about 2 GB (fp16, several safetensors shards) and a PEFT-format LoRA
-(r=16 on all linear layers) in a temporary folder, then runs each contender once in its own process
-and reads its peak RSS (ru_maxrss of the child). Everything is removed at the end.
+(r=16 on all linear layers) in a temporary folder, then runs each contender in its own process and
+reads its peak RSS (ru_maxrss of the child). The fast contenders run in several interleaved rounds, each
+after deleting the previous outputs and a pause, and the medians are reported: writing GBs into the page
+cache is noisy on a VM (freed memory goes back to the host, and re-touching it is slow), so one run of
+each says little. PEFT (slow) runs once. Everything is removed at the end.
 
-    .venv/bin/python benchmarks/merge_memory.py [--layers 18] [--keep DIR]
+    .venv/bin/python benchmarks/merge_memory.py [--layers 18] [--rounds 3] [--keep DIR]
 
 Goal (issue 4): lorakit's peak RSS <= 0.6 GB + 2 shards; time <= 1.5 x cp + start-up.
 """
@@ -16,6 +19,7 @@ import json
 import math
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,10 +136,38 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), int(kb) / 1e6
 
 
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def max_difference(a: Path, b: Path) -> tuple[int, float]:
+    """(tensors compared, max |a - b|) over every tensor of two sharded safetensors folders."""
+    from safetensors import safe_open
+
+    def files(folder: Path) -> dict[str, Path]:
+        index = folder / "model.safetensors.index.json"
+        if not index.is_file():
+            return {"*": folder / "model.safetensors"}
+        return {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+
+    fa, fb = files(a), files(b)
+    names = set().union(*(safe_open(str(f), "pt").keys() for f in set(fa.values())))
+    worst = 0.0
+    for name in sorted(names):
+        with safe_open(str(fa.get(name, fa.get("*"))), "pt") as x, safe_open(str(fb.get(name, fb.get("*"))), "pt") as y:
+            worst = max(worst, (x.get_tensor(name).float() - y.get_tensor(name).float()).abs().max().item())
+    return len(names), worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=18, help="decoder layers (18 -> ~2.1 GB fp16)")
     ap.add_argument("--shard-mb", type=int, default=500, help="base shard size in MB")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the fast contenders")
+    ap.add_argument("--pause", type=float, default=3.0, help="seconds of quiet before each run")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temp dir, removed)")
     args = ap.parse_args()
 
@@ -150,19 +182,30 @@ def main() -> None:
               f"LoRA r=16 on all linear layers; built in {time.perf_counter() - t:.0f}s")
         subprocess.run(["cat", *map(str, (work / "base").glob("*"))], stdout=subprocess.DEVNULL, check=True)
 
-        rows = []
-        rows.append(("cp -r", *measure(["cp", "-r", str(work / "base"), str(work / "out_cp")])))
-        # cp copies in the kernel (copy_file_range); any merge must write its bytes from user space:
-        rows.append(("write same bytes from Python", *measure([sys.executable, "-c", WRITE_SCRIPT,
-                                                                str(work / "out_write"), str(size)])))
-        # start-up: the interpreter importing what any merge needs (torch, transformers, safetensors)
-        rows.append(("start-up (import torch, ...)", *measure(
-            [sys.executable, "-c", "import torch, transformers, safetensors, lorakit.merge.run"])))
-        rows.append(("lorakit merge --no-verify", *measure(
-            [sys.executable, "-m", "lorakit", "merge", "--base-model", str(work / "base"), "--lora-model",
-             str(work / "adapter"), "--output-dir", str(work / "out_lorakit"), "--no-verify"])))
+        fast = {
+            "cp -r": ["cp", "-r", str(work / "base"), str(work / "out_cp")],
+            # cp copies in the kernel (copy_file_range); a merge must write most bytes from user space:
+            "write same bytes from Python": [sys.executable, "-c", WRITE_SCRIPT, str(work / "out_write"), str(size)],
+            # start-up: the interpreter importing what any merge needs (torch, transformers, safetensors)
+            "start-up (import torch, ...)": [sys.executable, "-c",
+                                              "import torch, transformers, safetensors, lorakit.merge.run"],
+            "lorakit merge --no-verify": [sys.executable, "-m", "lorakit", "merge", "--base-model",
+                                          str(work / "base"), "--lora-model", str(work / "adapter"),
+                                          "--output-dir", str(work / "out_lorakit"), "--no-verify"],
+        }
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fast}
+        for r in range(args.rounds):
+            for name, cmd in fast.items():
+                for out in ("out_cp", "out_write", "out_lorakit"):
+                    remove(work / out)
+                time.sleep(args.pause)
+                runs[name].append(measure(cmd))
+            print(f"round {r + 1}: " + ", ".join(f"{n.split()[0]} {v[-1][0]:.1f}s" for n, v in runs.items()))
+        rows = [(name, statistics.median(s for s, _ in v), max(m for _, m in v)) for name, v in runs.items()]
+        time.sleep(args.pause)
         rows.append(("peft merge_and_unload + save", *measure(
             [sys.executable, "-c", PEFT_SCRIPT, str(work / "base"), str(work / "adapter"), str(work / "out_peft")])))
+        print(f"(median of {args.rounds} rounds; peft once)")
 
         cp_time, startup = rows[0][1], rows[2][1]
         print(f"\n{'':32s} {'wall s':>8s} {'peak RSS GB':>12s} {'time / cp':>10s}")
@@ -174,20 +217,8 @@ def main() -> None:
         print(f"lorakit time {lk_time:.1f}s vs goal 1.5 x cp + start-up = {1.5 * cp_time + startup:.1f}s; "
               f"vs 1.5 x Python write + start-up = {1.5 * rows[1][1] + startup:.1f}s; "
               f"peft / lorakit time = {rows[4][1] / lk_time:.1f}x")
-        # same weights: spot-check one merged tensor against PEFT's
-        from safetensors import safe_open
-
-        name = "model.layers.0.mlp.down_proj.weight"
-
-        def file_of(folder: Path) -> str:
-            index = folder / "model.safetensors.index.json"
-            if not index.is_file():
-                return str(folder / "model.safetensors")
-            return str(folder / json.loads(index.read_text())["weight_map"][name])
-
-        with safe_open(file_of(work / "out_lorakit"), "pt") as a, safe_open(file_of(work / "out_peft"), "pt") as b:
-            diff = (a.get_tensor(name).float() - b.get_tensor(name).float()).abs().max().item()
-        print(f"max |lorakit - peft| on {name}: {diff:.2g}")
+        count, diff = max_difference(work / "out_lorakit", work / "out_peft")
+        print(f"max |lorakit - peft| over all {count} tensors: {diff:.2g}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
