@@ -55,6 +55,7 @@ def interleaved(fns, repeats: int) -> list[float]:
     rates: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            time.sleep(1.0)  # let the previous contender's OpenMP threads stop spinning
             tokens, seconds = fn()
             rates[i].append(tokens / seconds)
     return [max(r) for r in rates]

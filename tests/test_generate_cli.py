@@ -39,7 +39,8 @@ def test_one_shot_prints_the_response(chat_model, capsys, caplog):
     path, model, tok = chat_model
     expected = chat_reference(model, tok, [{"role": "user", "content": "Name a color.\n\nred or blue"}], 12)
     with caplog.at_level("INFO", logger="lorakit"), pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--base-model", str(path), "--instruction", "Name a color.", "--input", "red or blue",
+        main(["generate", "--base-model", str(path), "--precision", "fp32",
+              "--instruction", "Name a color.", "--input", "red or blue",
               "--temperature", "0", "--max-new-tokens", "12"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == expected
@@ -85,7 +86,8 @@ def test_interactive_session_keeps_history_and_resets(chat_model):
                                      {"role": "user", "content": "again"}], n)
     r3 = chat_reference(model, tok, [{"role": "user", "content": "again"}], n)
     assert r2 != r3  # the history must matter for this test to mean anything
-    term = Terminal(lorakit("generate", "--base-model", str(path), "--temperature", "0", "--max-new-tokens", str(n)))
+    term = Terminal(lorakit("generate", "--base-model", str(path), "--precision", "fp32", "--temperature", "0",
+                            "--max-new-tokens", str(n)))
     try:
         term.expect(">>> ")
         replies = []

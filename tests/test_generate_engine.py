@@ -13,7 +13,7 @@ from lorakit.generate import GenerationParams, Request, generate_batch, run_batc
 from lorakit.generate.config import EngineOptions
 from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
 from lorakit.models import load_model_and_tokenizer
-from test_generate_helpers import hf_greedy, make_adapter
+from test_generate_helpers import hf_greedy, make_adapter, penalized_greedy
 
 PROMPTS = ["Hello", "The weather in Paris is", "A much longer prompt that needs left padding in a batch of three"]
 
@@ -26,7 +26,7 @@ def model_tok(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir)), gather_ms=50)
+    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir), precision="fp32"), gather_ms=50)
     yield e
     e.close()
 
@@ -96,6 +96,42 @@ def test_engine_stream_complete_and_template(engine, model_tok):
     assert "".join(chunks) == engine.complete(ids, params).text == hf_greedy(model, tok, ids, 12)
 
 
+def test_auto_precision_is_bf16_where_native_and_decodes_like_hf_in_bf16(tiny_model_dir):
+    """The default dtype: bf16 on bf16 hardware (this CPU has AMX), and then the engine's tokens are those
+    of HF generate on the same weights in bf16 (the dtype changes speed, not the decoding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.generate.loading import bf16_is_native
+
+    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir)))
+    try:
+        expected = torch.bfloat16 if bf16_is_native() else torch.float32
+        assert next(e.model.parameters()).dtype == expected
+        ids = e.instruction_ids("Name three colors.")
+        got = e.complete(ids, GenerationParams(max_new_tokens=12)).text
+    finally:
+        e.close()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=expected).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert got == hf_greedy(ref, tok, ids, 12)
+
+
+def test_penalties_decode_like_a_plain_reference_loop(engine, model_tok):
+    """Greedy with presence/frequency penalties, in a fixed batch (run_batch, next to an unpenalised row)
+    and in the engine's running batch, equals a cache-free loop that applies OpenAI's formula itself."""
+    model, tok = model_tok
+    # a negative presence penalty rewards repeating (a random model never repeats on its own), and the
+    # frequency penalty, growing with each repeat, eventually moves it on
+    params = GenerationParams(max_new_tokens=10, presence_penalty=-2.0, frequency_penalty=0.6)
+    ids = ids_of(tok, PROMPTS[1])
+    expected = penalized_greedy(model, tok, ids, 10, presence=-2.0, frequency=0.6)
+    assert expected != hf_greedy(model, tok, ids, 10)  # the penalties change this continuation
+    fixed = [Request(ids_of(tok, PROMPTS[2]), GenerationParams(max_new_tokens=10)), Request(ids, params)]
+    run_batch(model, tok, fixed)
+    assert fixed[1].text == expected and fixed[0].text == hf_greedy(model, tok, fixed[0].prompt_ids, 10)
+    assert engine.complete(ids, params).text == expected
+
+
 def test_concurrent_requests_are_batched_and_answered_correctly(engine, model_tok):
     model, tok = model_tok
     prompts = [engine.instruction_ids(f"Item number {i}") for i in range(8)]
@@ -139,7 +175,8 @@ def test_adapters_selectable_by_name_and_merged(tiny_model_dir, tmp_path, model_
     model, tok = model_tok
     a = make_adapter(tiny_model_dir, tmp_path / "alpha", seed=1)
     b = make_adapter(tiny_model_dir, tmp_path / "beta", seed=2, targets=("q_proj", "k_proj", "gate_proj"))
-    opts = EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(a), f"second={b}"], merge=False)
+    opts = EngineOptions(base_model=str(tiny_model_dir), precision="fp32", lora_weights=[str(a), f"second={b}"],
+                         merge=False)
     e = Engine.load(opts)
     try:
         assert e.model_names == [tiny_model_dir.name, "alpha", "second"]
@@ -155,7 +192,7 @@ def test_adapters_selectable_by_name_and_merged(tiny_model_dir, tmp_path, model_
         ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(folder)).eval()
         assert got[name] == hf_greedy(ref, tok, ids, 10), name
     assert len(set(got.values())) == 3
-    merged = Engine.load(EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(a)]))
+    merged = Engine.load(EngineOptions(base_model=str(tiny_model_dir), precision="fp32", lora_weights=[str(a)]))
     assert merged.model_names == ["alpha"] and not hasattr(merged.model, "peft_config")
     assert merged.complete(ids, params).text == got["alpha"]
     merged.close()
@@ -192,7 +229,7 @@ def test_extended_vocab_adapter_resizes_and_uses_its_tokenizer(tiny_model_dir, t
     peft_model.save_pretrained(folder)
     tok.save_pretrained(folder)
 
-    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir), lora_weights=[str(folder)]))
+    e = Engine.load(EngineOptions(base_model=str(tiny_model_dir), precision="fp32", lora_weights=[str(folder)]))
     try:
         assert len(e.tokenizer) == len(tok)
         assert e.model.get_input_embeddings().weight.shape[0] == len(tok)

@@ -38,6 +38,21 @@ def hf_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> s
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
 
 
+def penalized_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, presence: float,
+                     frequency: float) -> str:
+    """Reference greedy continuation with OpenAI's presence/frequency penalties over the generated tokens:
+    a cache-free loop (whole sequence through the model each step), no lorakit code."""
+    import torch
+
+    seq = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(seq[len(prompt_ids):], dtype=torch.long), minlength=logits.shape[0])
+            seq.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+    return tokenizer.decode(seq[len(prompt_ids):], skip_special_tokens=True)
+
+
 def test_make_adapter_changes_the_model(tiny_model_dir, tmp_path):
     """The helper itself: a saved adapter must change greedy output (else adapter tests prove nothing)."""
     import torch

@@ -57,6 +57,30 @@ def test_repetition_penalty_matches_hf_and_ignores_padding():
     assert ours[0, 0] == scores[0, 0]  # the pad id was not penalised
 
 
+def test_presence_and_frequency_penalties_count_only_generated_tokens():
+    """OpenAI's formula, written out with numpy, over the generated part of each row only."""
+    vocab = 8
+    ids = torch.tensor([[0, 3, 3, 5, 3, 3, 6],    # prompt 0 3 3 | generated 5 3 3 6
+                        [2, 2, 2, 2, 1, 1, 4]])   # prompt 2 2 2 | generated 2 1 1 4
+    scores = torch.randn(2, vocab)
+    params = [GenerationParams(presence_penalty=0.5, frequency_penalty=0.25),
+              GenerationParams(presence_penalty=-1.0, frequency_penalty=1.5)]
+
+    def expected(row: int, generated: int) -> np.ndarray:
+        counts = np.bincount(ids[row, -generated:].numpy(), minlength=vocab)
+        p = params[row]
+        return scores[row].numpy() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+
+    fixed = RowSampler(params, [0, 0], prompt_width=3)(ids, scores.clone())  # one batch: columns after 3
+    running = RowSampler(params, [0, 0], generated=[4, 2])(ids, scores.clone())  # continuous: counts per row
+    np.testing.assert_allclose(fixed[0].numpy(), expected(0, 4), rtol=1e-6)
+    np.testing.assert_allclose(fixed[1].numpy(), expected(1, 4), rtol=1e-6)
+    np.testing.assert_allclose(running[1].numpy(), expected(1, 2), rtol=1e-6)
+    assert running[1, 2] == scores[1, 2]  # a prompt-only token is not penalised
+    with pytest.raises(Exception, match="beam"):
+        GenerationParams(num_beams=2, presence_penalty=0.5).validate()
+
+
 def test_sampled_rows_become_one_hot_and_greedy_rows_pass_through():
     scores = torch.randn(2, 30)
     out = RowSampler([GenerationParams(temperature=0.9, seed=1), GenerationParams()], starts=[0, 0])(

@@ -38,8 +38,9 @@ def read_jsonl(path):
 def test_infer_order_fields_and_resume(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out.jsonl"
-    common = ["--base-model", str(tiny_model_dir), "--data-file", str(data), "--output", str(out),
-              "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "2"]
+    common = ["--base-model", str(tiny_model_dir), "--precision", "fp32",
+              "--data-file", str(data), "--output", str(out), "--temperature", "0", "--max-new-tokens", "6",
+              "--batch-size", "2"]
     assert run(*common, "--limit", "3") == 0
     first = out.read_bytes()
     assert len(read_jsonl(out)) == 3

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model
+from test_generate_helpers import hf_greedy, make_adapter, penalized_greedy, tiny_chat_model
 
 KEY = "sk-test-123"
 
@@ -34,6 +34,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base-model", str(model_dir),
+                             "--precision", "fp32",
                              "--lora-weights", f"alpha={alpha}", "--port", str(port), "--api-key", KEY,
                              "--gather-ms", "100"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -69,8 +70,11 @@ def refs(server):
                                       add_generation_prompt=True, return_dict=True)["input_ids"]
         return hf_greedy(tuned if adapter else base, tok, list(ids), n).strip(), len(ids)
 
-    def complete(prompt: str, n: int) -> str:
-        return hf_greedy(base, tok, list(tok(prompt)["input_ids"]), n)
+    def complete(prompt: str, n: int, presence: float = 0.0, frequency: float = 0.0) -> str:
+        ids = list(tok(prompt)["input_ids"])
+        if presence or frequency:
+            return penalized_greedy(base, tok, ids, n, presence, frequency)
+        return hf_greedy(base, tok, ids, n)
 
     return {"chat": chat, "complete": complete}
 
@@ -114,6 +118,14 @@ def test_completions_plain_and_streaming(client, refs):
     pieces = client.completions.create(model="tiny-chat", prompt="Once upon a time", temperature=0, max_tokens=9,
                                        stream=True)
     assert "".join(p.choices[0].text for p in pieces) == expected
+
+
+def test_presence_and_frequency_penalties_are_applied(client, refs):
+    expected = refs["complete"]("Once upon a time", 9, presence=-2.0, frequency=0.6)
+    assert expected != refs["complete"]("Once upon a time", 9)
+    r = client.completions.create(model="tiny-chat", prompt="Once upon a time", temperature=0, max_tokens=9,
+                                  presence_penalty=-2.0, frequency_penalty=0.6)
+    assert r.choices[0].text == expected
 
 
 def test_api_key_is_required(server):

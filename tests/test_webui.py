@@ -40,7 +40,7 @@ def page_url(tmp_path_factory):
     from lorakit.serve.webui import build_demo
 
     model_dir = tiny_chat_model(tmp_path_factory)
-    engine = Engine.load(EngineOptions(base_model=str(model_dir)))
+    engine = Engine.load(EngineOptions(base_model=str(model_dir), precision="fp32"))
     demo = build_demo(engine, GenerationParams(max_new_tokens=60, temperature=0.0))
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

@@ -46,7 +46,8 @@ class RunningBatch:
     def _pick(self, ids: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """Next token per row (B,): RowSampler's per-row penalty/sampling, then argmax."""
         starts = (mask.shape[1] - mask.sum(dim=1)).tolist()
-        sampler = RowSampler([self.requests[i].params for i in rows], starts, [self.generators[i] for i in rows])
+        sampler = RowSampler([self.requests[i].params for i in rows], starts, [self.generators[i] for i in rows],
+                             generated=[len(self.streams[i].tokens) for i in rows])
         return sampler(ids, logits).argmax(dim=-1)
 
     def add(self, requests: Sequence[Request]) -> None:

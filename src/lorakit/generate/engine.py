@@ -33,6 +33,8 @@ class GenerationParams:
     top_k: int = 0
     num_beams: int = 1
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0   # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS (benchmarks: fixed-length outputs)
@@ -43,7 +45,9 @@ class GenerationParams:
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (self.top_k >= 0, "top_k must be >= 0"),
                   (self.num_beams >= 1, "num_beams must be >= 1"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (self.num_beams == 1 or not (self.presence_penalty or self.frequency_penalty),
+                   "presence/frequency penalties apply to sampling and greedy decoding, not beam search")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -145,8 +149,9 @@ def run_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reques
         # explicit neutral values: HF fills unset fields from the model's generation_config, and a default
         # repetition_penalty there would be applied on top of RowSampler's per-row one
         config.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
-        hooks = {"logits_processor": LogitsProcessorList([RowSampler([r.params for r in requests],
-                                                                     [width - len(r.prompt_ids) for r in requests])]),
+        sampler = RowSampler([r.params for r in requests], [width - len(r.prompt_ids) for r in requests],
+                             prompt_width=width)
+        hooks = {"logits_processor": LogitsProcessorList([sampler]),
                  "stopping_criteria": StoppingCriteriaList([RowTracker(streams, width)])}
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),

@@ -55,12 +55,18 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 
 class RowSampler(LogitsProcessor):
-    """Per-row repetition penalty and sampling (see module doc). `starts[i]`: first real (unpadded) column."""
+    """Per-row penalties and sampling (see module doc). `starts[i]`: first real (unpadded) column.
+
+    The generated tokens (for presence/frequency penalties) are the last `generated[i]` columns of a row,
+    or, with `prompt_width`, every column after it (one fixed batch, as in `run_batch`)."""
 
     def __init__(self, params: Sequence[GenerationParams], starts: Sequence[int],
-                 generators: Sequence[torch.Generator | None] | None = None):
+                 generators: Sequence[torch.Generator | None] | None = None, *,
+                 generated: Sequence[int] | None = None, prompt_width: int | None = None):
         self.params = list(params)
         self.starts = list(starts)
+        self.generated = list(generated) if generated is not None else None
+        self.prompt_width = prompt_width
         self.generators = list(generators) if generators is not None else [
             make_generator(p.seed) if p.temperature > 0 else None for p in self.params]
 
@@ -74,12 +80,28 @@ class RowSampler(LogitsProcessor):
                 s = scores[i].gather(0, seen)
                 s = torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
                 scores[i].scatter_(0, seen, s)
+            if p.presence_penalty or p.frequency_penalty:
+                self._penalize_generated(i, p, input_ids, scores)
             generator = self.generators[i]
             if generator is not None:
                 token = sample_row(scores[i], p.temperature, p.top_k, p.top_p, generator)
                 scores[i].fill_(float("-inf"))
                 scores[i, token] = 0.0
         return scores
+
+
+    def _penalize_generated(self, i: int, p: GenerationParams, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """OpenAI's penalties over row i's generated tokens: score -= frequency * count + presence * (count > 0)."""
+        if self.generated is not None:
+            n = self.generated[i]
+        else:
+            n = input_ids.shape[1] - (self.prompt_width if self.prompt_width is not None else input_ids.shape[1])
+        if n <= 0:
+            return
+        vocab = scores.shape[1]
+        tokens = input_ids[i, -n:]
+        counts = torch.bincount(tokens[tokens < vocab], minlength=vocab).to(scores.dtype)
+        scores[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype)
 
 
 class TokenStream:

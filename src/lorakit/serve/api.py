@@ -105,7 +105,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         try:
             return GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, num_beams=body.num_beams,
-                                    repetition_penalty=body.repetition_penalty, stop=body.stop_list(),
+                                    repetition_penalty=body.repetition_penalty,
+                                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                    stop=body.stop_list(),
                                     seed=body.seed, ignore_eos=body.ignore_eos).validate()
         except ConfigError as e:
             raise APIError(400, str(e)) from None

@@ -46,8 +46,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)  # accepted for compatibility, not applied
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)  # accepted for compatibility, not applied
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
 
     def stop_list(self) -> list[str]:
