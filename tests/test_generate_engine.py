@@ -101,11 +101,11 @@ def test_auto_precision_is_bf16_where_native_and_decodes_like_hf_in_bf16(tiny_mo
     of HF generate on the same weights in bf16 (the dtype changes speed, not the decoding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.generate.loading import bf16_is_native
+    from lorakit.train.precision import bf16_supported
 
     e = Engine.load(EngineOptions(base_model=str(tiny_model_dir)))
     try:
-        expected = torch.bfloat16 if bf16_is_native() else torch.float32
+        expected = torch.bfloat16 if bf16_supported() else torch.float32
         assert next(e.model.parameters()).dtype == expected
         ids = e.instruction_ids("Name three colors.")
         got = e.complete(ids, GenerationParams(max_new_tokens=12)).text

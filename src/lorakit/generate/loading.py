@@ -25,25 +25,14 @@ def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> 
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
-def bf16_is_native() -> bool:
-    """Whether bf16 matmuls run on bf16 hardware (a GPU, or a CPU with AVX512-BF16/AMX via oneDNN).
-
-    Decoding is memory-bound: bf16 weights halve the bytes read per token. Measured on smollm2-135m,
-    2 cores with AMX: 28 vs 15 tokens/s at batch 1, 93 vs 70 at batch 8 (benchmarks/generate_speed.py).
-    Without native support bf16 is emulated and slower than fp32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_dtype(precision: str):
     import torch
 
     if precision == "auto":
-        return torch.bfloat16 if bf16_is_native() else torch.float32
+        # Decoding is memory-bound and bf16 weights halve the bytes read per token; measured on smollm2-135m,
+        # 2 cores with AMX: 28 vs 15 tokens/s at batch 1, 93 vs 70 at batch 8. Where bf16 is emulated
+        # (no AVX512-BF16/AMX) it is slower than fp32.
+        from lorakit.train.precision import bf16_supported
+
+        return torch.bfloat16 if bf16_supported() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
