@@ -132,17 +132,21 @@ def _check_saved_adapter(folder: Path, trainable: dict[str, torch.Tensor]) -> No
         log.warning("all LoRA B matrices are zero: the adapter does not change the model yet")
 
 
-def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path) -> None:
-    """Adapter, tokenizer and config into a temp folder, checked, then moved into `out` file by file."""
+def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path,
+                state_dict: dict[str, torch.Tensor]) -> None:
+    """Adapter, tokenizer and config into a temp folder, checked, then moved into `out` file by file.
+
+    `state_dict` is the full model's, gathered by accelerate (see `train`): PEFT keeps its adapter part."""
     tmp = out / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     # Embeddings trained as modules_to_save are saved as such; peft's extra "embedding layers" copy
     # (on by default after a vocab resize) would store them twice more, plus the untrained originals.
     full_embeddings = {"embed_tokens", "lm_head"} & set(getattr(cfg, "modules_to_save", None) or [])
-    trainer.model.save_pretrained(str(tmp), save_embedding_layers=False if full_embeddings else "auto")
+    model.save_pretrained(str(tmp), state_dict=state_dict, save_embedding_layers=False if full_embeddings else "auto")
     tokenizer.save_pretrained(str(tmp))
     save_yaml(cfg, tmp / "lorakit_config.yaml")
-    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _check_saved_adapter(tmp, trainable)
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
@@ -232,8 +236,11 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if not math.isfinite(result.training_loss):  # checkpoints stay; no finished-looking adapter is written
         raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
 
+    # Every rank takes part: under FSDP or DeepSpeed ZeRO-3 each holds only a shard of the weights, and
+    # accelerate gathers the full state dict (a no-op unwrap under DDP or one process). Rank 0 writes.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, cfg, out)  # loss.png was drawn by LossPlotCallback.on_train_end
+        _save_final(trainer, tokenizer, cfg, out, state_dict)  # loss.png: drawn by LossPlotCallback
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     peak_rss = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
