@@ -3,9 +3,9 @@
 Builds a random LLaMA base of about 2 GB (fp16, several safetensors shards) and a PEFT-format LoRA
 (r=16 on all linear layers) in a temporary folder, then runs each contender in its own process and
 reads its peak RSS (ru_maxrss of the child). The fast contenders run in several interleaved rounds, each
-after deleting the previous outputs and a pause, and the medians are reported: writing GBs into the page
-cache is noisy on a VM (freed memory goes back to the host, and re-touching it is slow), so one run of
-each says little. PEFT (slow) runs once. Everything is removed at the end.
+into a fresh output path after a sync and a pause, and the medians are reported: writing GBs into the page cache is
+noisy on a VM (freed memory goes back to the host, and re-touching it is slow), so one run of each says
+little. PEFT (slow) runs once. Everything is removed at the end.
 
     .venv/bin/python benchmarks/merge_memory.py [--layers 18] [--rounds 3] [--keep DIR]
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import statistics
@@ -113,7 +114,7 @@ model.save_pretrained(out, max_shard_size="500MB")
 WRITE_SCRIPT = """
 import sys
 path, size = sys.argv[1], int(sys.argv[2])
-chunk = bytes(64 << 20)
+chunk = bytes(1 << 20)  # modest writes: on some VMs 64 MB writes are several times slower
 with open(path, "wb") as f:
     for _ in range(size // len(chunk) + 1):
         f.write(chunk)
@@ -193,11 +194,14 @@ def main() -> None:
                                           str(work / "base"), "--lora-model", str(work / "adapter"),
                                           "--output-dir", str(work / "out_lorakit"), "--no-verify"],
         }
+        outputs = dict(zip(fast, ("out_cp", "out_write", "start-up-writes-nothing", "out_lorakit"), strict=True))
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fast}
         for r in range(args.rounds):
             for name, cmd in fast.items():
-                for out in ("out_cp", "out_write", "out_lorakit"):
-                    remove(work / out)
+                remove(work / outputs[name])  # each writes into a fresh path, as a user would
+                # Flush the previous runs' dirty pages first: otherwise whoever runs next pays for their
+                # writeback (the contender after cp and the Python write was measured up to 2x slower).
+                os.sync()
                 time.sleep(args.pause)
                 runs[name].append(measure(cmd))
             print(f"round {r + 1}: " + ", ".join(f"{n.split()[0]} {v[-1][0]:.1f}s" for n, v in runs.items()))

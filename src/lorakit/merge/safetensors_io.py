@@ -323,9 +323,15 @@ class StreamingShardWriter:
             self._file = None
 
 
+# Bytes per write() call. Measured on this VM (ext4, 2.1 GB): 64 MB writes 4.8-5.2 s, 1 MB 0.6 s,
+# 128 KB 0.5 s, `cp` 0.6-0.8 s; large single writes are many times slower than modest ones.
+_WRITE_CHUNK = 1 << 20
+
+
 def _write_fully(dest: BinaryIO, view: memoryview) -> None:
+    view = view.cast("B")
     while view:  # an unbuffered file may write less than asked
-        view = view[dest.write(view):]
+        view = view[dest.write(view[:_WRITE_CHUNK]):]
 
 
 def _copy_range(source: FileRange, dest: BinaryIO) -> None:

@@ -208,7 +208,7 @@ def write_merged(plan: MergePlan, writer: StreamingShardWriter, progress: Callab
         plan.base.close()
 
     # One compute thread: the merge is memory-bound, and a second OpenMP thread spinning on the other core
-    # starves the writer thread (measured on 2 cores: 2.3-2.7 s with one thread, 3.1-5.1 s with two).
+    # starves the writer thread (measured on 2 cores, 2.1 GB: 1.0-1.1 s with one thread, 1.3-1.5 s with two).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
