@@ -89,7 +89,6 @@ class RowSampler(LogitsProcessor):
                 scores[i, token] = 0.0
         return scores
 
-
     def _penalize_generated(self, i: int, p: GenerationParams, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         """OpenAI's penalties over row i's generated tokens: score -= frequency * count + presence * (count > 0)."""
         if self.generated is not None:
