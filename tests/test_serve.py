@@ -128,6 +128,34 @@ def test_presence_and_frequency_penalties_are_applied(client, refs):
     assert r.choices[0].text == expected
 
 
+def test_n_choices_plain_and_streaming(client, refs):
+    """n choices: greedy ones all equal the reference; seeded sampled ones are choice i = seed + i alone;
+    streamed deltas, grouped by index, rebuild each choice; the prompt counts once in usage."""
+    r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi there"}],
+                                       temperature=0, max_tokens=6, n=2)
+    expected, n_prompt = refs["chat"]("Hi there", 6)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.message.content == expected for c in r.choices)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 12)
+
+    sample = dict(model="tiny-chat", prompt="Once upon a time", temperature=1.0, max_tokens=8)
+    many = client.completions.create(n=3, seed=5, **sample)
+    alone = [client.completions.create(n=1, seed=5 + i, **sample).choices[0].text for i in range(3)]
+    assert [c.text for c in many.choices] == alone and len(set(alone)) > 1  # sampled: they differ
+
+    stream = client.completions.create(n=3, seed=5, stream=True, stream_options={"include_usage": True}, **sample)
+    texts, finished = ["", "", ""], []
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.append(c.index)
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == 24
+    assert texts == alone and sorted(finished) == [0, 1, 2]
+    with pytest.raises(openai.BadRequestError, match="beam"):
+        client.completions.create(model="tiny-chat", prompt="x", max_tokens=4, n=2, extra_body={"num_beams": 2})
+
+
 def test_api_key_is_required(server):
     bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

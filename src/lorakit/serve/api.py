@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -118,61 +119,84 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         except UnknownModelError as e:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
 
-    def submit(http: Request, ids: list[int], params: GenerationParams, adapter: str | None):
-        """Queue on the engine; events ("text", chunk) / ("done", request) arrive on an asyncio queue."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    def choices_of(body: SamplingFields, params: GenerationParams) -> list[GenerationParams]:
+        """Per-choice params for `n` choices: seeded requests get seed, seed + 1, ... (distinct, reproducible)."""
+        if body.n > 1 and params.num_beams > 1:
+            raise APIError(400, "n > 1 is not supported with beam search", param="n")
+        return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(body.n)]
 
-        def put(item: tuple[str, Any]) -> None:
+    def submit(ids: list[int], choices: list[GenerationParams], adapter: str | None):
+        """Queue one engine request per choice; events ("text", i, chunk) / ("done", i, request) arrive on
+        one asyncio queue."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+
+        def put(item: tuple[str, int, Any]) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        def done(r: GenRequest) -> None:
-            stats[r.finish_reason or "error"] += 1
-            put(("done", r))
+        def callbacks(i: int) -> dict[str, Any]:
+            def done(r: GenRequest) -> None:
+                stats[r.finish_reason or "error"] += 1
+                put(("done", i, r))
 
+            return {"on_text": lambda t: put(("text", i, t)), "on_done": done}
+
+        reqs: list[GenRequest] = []
         try:
-            req = engine.submit(ids, params, adapter, on_text=lambda t: put(("text", t)), on_done=done)
+            for i, params in enumerate(choices):
+                reqs.append(engine.submit(ids, params, adapter, **callbacks(i)))
         except PromptTooLongError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
-        return req, events
+        return reqs, events
 
-    async def wait_done(http: Request, req: GenRequest, events: asyncio.Queue) -> GenRequest:
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    req.cancel()
-                    raise APIError(499, "client closed the request") from None
-                continue
-            if kind == "done":
-                if value.error is not None:
-                    raise value.error
-                return value
-
-    def usage(req: GenRequest) -> dict[str, int]:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
-                "total_tokens": req.prompt_tokens + req.completion_tokens}
-
-    async def sse(req: GenRequest, events: asyncio.Queue, chunk, include_usage: bool) -> AsyncIterator[dict]:
-        """Server-sent events: one chunk per text piece, a final chunk with finish_reason, then [DONE]."""
+    async def wait_done(http: Request, reqs: list[GenRequest], events: asyncio.Queue) -> list[GenRequest]:
+        finished: dict[int, GenRequest] = {}
         try:
-            while True:
-                kind, value = await events.get()
+            while len(finished) < len(reqs):
+                try:
+                    kind, i, value = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise APIError(499, "client closed the request") from None
+                    continue
+                if kind == "done":
+                    if value.error is not None:
+                        raise value.error
+                    finished[i] = value
+        finally:
+            for r in reqs:  # no-op for finished ones; stops the rest after an error or a disconnect
+                r.cancel()
+        return [finished[i] for i in range(len(reqs))]
+
+    def usage(reqs: list[GenRequest]) -> dict[str, int]:
+        """The prompt counts once (it is shared by the choices), completions add up."""
+        prompt, completion = reqs[0].prompt_tokens, sum(r.completion_tokens for r in reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def sse(reqs: list[GenRequest], events: asyncio.Queue, chunk, include_usage: bool) -> AsyncIterator[dict]:
+        """Server-sent events: a chunk per text piece of each choice (`index`), a chunk with each choice's
+        finish_reason, optionally the usage, then [DONE]."""
+        try:
+            finished: dict[int, GenRequest] = {}
+            while len(finished) < len(reqs):
+                kind, i, value = await events.get()
                 if kind == "text":
-                    yield {"data": json.dumps(chunk(value, None))}
+                    yield {"data": json.dumps(chunk(i, value, None))}
                     continue
                 if value.error is not None:
                     yield {"data": json.dumps(error_body(f"generation failed: {value.error}", "server_error"))}
                     break
-                yield {"data": json.dumps(chunk(None, value.finish_reason))}
+                finished[i] = value
+                yield {"data": json.dumps(chunk(i, None, value.finish_reason))}
+            else:
                 if include_usage:
-                    yield {"data": json.dumps({**chunk(None, None), "choices": [], "usage": usage(value)})}
-                break
+                    ordered = [finished[i] for i in range(len(reqs))]
+                    yield {"data": json.dumps({**chunk(0, None, None), "choices": [], "usage": usage(ordered)})}
             yield {"data": "[DONE]"}
         finally:  # also runs when the client disconnects (the generator is cancelled/closed)
-            req.cancel()
+            for r in reqs:
+                r.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
@@ -182,26 +206,27 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages must contain at least one user message", param="messages")
         ids = engine.chat_ids(messages)
-        req, events = submit(http, ids, params, adapter)
+        reqs, events = submit(ids, choices_of(body, params), adapter)
         cid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
         now = int(time.time())
         if body.stream:
-            first = [True]
+            started: set[int] = set()
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(i: int, text: str | None, finish: str | None) -> dict[str, Any]:
                 delta: dict[str, Any] = {} if text is None else {"content": text}
-                if first[0]:
-                    delta["role"], first[0] = "assistant", False
+                if i not in started:  # each choice's first delta carries the role
+                    started.add(i)
+                    delta["role"] = "assistant"
                     delta.setdefault("content", "")
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                        "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
 
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(sse(req, events, chunk, include), ping=15)
-        done = await wait_done(http, req, events)
+            return EventSourceResponse(sse(reqs, events, chunk, include), ping=15)
+        done = await wait_done(http, reqs, events)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text.strip()},
-                             "finish_reason": done.finish_reason, "logprobs": None}],
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text.strip()},
+                             "finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(done)],
                 "usage": usage(done)}
 
     @app.post("/v1/completions")
@@ -212,21 +237,23 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         if len(prompts) != 1:
             raise APIError(400, "prompt: exactly one prompt string per request is supported", param="prompt")
         ids = engine.encode(prompts[0], special=True)
-        req, events = submit(http, ids, params, adapter)
+        reqs, events = submit(ids, choices_of(body, params), adapter)
         cid, model = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
         now = int(time.time())
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        def choice(i: int, text: str | None, finish: str | None) -> dict[str, Any]:
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        def chunk(i: int, text: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": cid, "object": "text_completion", "created": now, "model": model,
-                    "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                    "choices": [choice(i, text, finish)]}
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(sse(req, events, chunk, include), ping=15)
-        done = await wait_done(http, req, events)
-        result = chunk(done.text, done.finish_reason)
-        result["usage"] = usage(done)
-        return result
+            return EventSourceResponse(sse(reqs, events, chunk, include), ping=15)
+        done = await wait_done(http, reqs, events)
+        return {"id": cid, "object": "text_completion", "created": now, "model": model,
+                "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(done)], "usage": usage(done)}
 
     app.state.engine, app.state.stats = engine, stats
     return app

@@ -40,7 +40,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     num_beams: int = Field(1, ge=1, le=8)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=8, description="choices per request (each a request of its own in the batch)")
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False
