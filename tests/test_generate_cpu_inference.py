@@ -7,7 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from lorakit.generate.cpu_inference import FastRMSNorm, FusedAttention, FusedMLP, PackedLinear, optimize_for_cpu
+from lorakit.generate.cpu_inference import (
+    FastRMSNorm,
+    FusedAttention,
+    FusedMLP,
+    PackedLinear,
+    optimize_for_cpu,
+    packing_works,
+)
 from tiny_models import make_tiny_llama
 
 
@@ -36,9 +43,11 @@ def test_fused_packed_model_gives_transformers_logits(tmp_path, tied):
     summary = optimize_for_cpu(fast)
     layers = len(fast.model.layers)
     # per layer: attention, MLP and two norms fused; qkv, o, gate_up and down packed; + final norm, lm_head
-    assert summary == f"{layers * 4 + 1} modules fused, {layers * 4 + 1} linears prepacked"
+    packed = layers * 4 + 1 if packing_works() else 0  # this CPU: AVX512-BF16, so packed
+    assert summary == f"{layers * 4 + 1} modules fused, {packed} linears prepacked"
     kinds = {type(m) for m in fast.modules()}
-    assert {FusedAttention, FusedMLP, FastRMSNorm, PackedLinear} <= kinds and torch.nn.Linear not in kinds
+    assert {FusedAttention, FusedMLP, FastRMSNorm} <= kinds
+    assert (PackedLinear in kinds and torch.nn.Linear not in kinds) == bool(packed)
 
     ids = torch.tensor([[0, 0, 0, 5, 60, 700, 80], [1, 42, 43, 44, 45, 46, 47]])
     mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()  # row 0 left-padded

@@ -152,15 +152,14 @@ def _fuse_llama_layers(model: nn.Module) -> int:
 def optimize_for_cpu(model: nn.Module) -> str | None:
     """Fuse and prepack a bf16 CPU model in place for inference; returns what was done (None: nothing).
 
-    Nothing is done for a model with unmerged PEFT adapters (see module doc), on GPU, in other dtypes,
-    or where oneDNN's packed bf16 linears are unavailable."""
+    Nothing is done for a model with unmerged PEFT adapters (see module doc), on GPU or in other dtypes;
+    linears are prepacked only where oneDNN's packed bf16 linears work."""
     weight = next(model.parameters(), None)
-    if (hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu"
-            or weight.dtype != torch.bfloat16 or not packing_works()):
+    if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
     fused = _fuse_llama_layers(model)
     linears = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16]
+               if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16] if packing_works() else []
     for parent, name in linears:
         setattr(parent, name, PackedLinear(getattr(parent, name)))
     return f"{fused} modules fused, {len(linears)} linears prepacked"
