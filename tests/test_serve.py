@@ -199,6 +199,26 @@ def test_sixteen_concurrent_clients_are_batched(client, refs, server):
     assert httpx.get(server["url"] + "/health").json()["max_batch_size"] > 1
 
 
+def test_client_that_gives_up_on_a_plain_request_cancels_it(server):
+    """No streaming: the server only sees the client go away by asking the connection; it must."""
+    def cancelled() -> int:
+        return httpx.get(server["url"] + "/health").json()["finished"].get("cancelled", 0)
+
+    before = cancelled()
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Tell a very long story"}],
+            "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+    start = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server["url"] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=0.5)
+    deadline = time.monotonic() + 30
+    while cancelled() == before:  # without the disconnect check it ends as "length", after ~2.5 s
+        assert time.monotonic() < deadline, "generation was not cancelled"
+        time.sleep(0.1)
+    took = time.monotonic() - start
+    assert took < 20, took
+
+
 def test_client_disconnect_stops_generation(server):
     def cancelled() -> int:
         return httpx.get(server["url"] + "/health").json()["finished"].get("cancelled", 0)

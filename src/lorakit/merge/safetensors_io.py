@@ -246,8 +246,7 @@ class StreamingShardWriter:
         blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
         # unbuffered: file ranges are copied by the kernel at the descriptor's position
         self._file = open(self.folder / self.file_names[i], "wb", buffering=0)  # noqa: SIM115 (closed in _start_shard/finish)
-        self._file.write(struct.pack("<Q", len(blob)))
-        self._file.write(blob)
+        _write_fully(self._file, memoryview(struct.pack("<Q", len(blob)) + blob))
         self._file_index = i
 
     def write(self, name: str, tensor: torch.Tensor | FileRange) -> None:
@@ -344,8 +343,8 @@ def _copy_range(source: FileRange, dest: BinaryIO) -> None:
         try:
             while left:
                 n = os.copy_file_range(src.fileno(), dest.fileno(), left, offset)
-                if n == 0:
-                    raise MismatchError(f"{source.path}: ends before byte {offset} (truncated file?)")
+                if n == 0:  # end of file, or a file system that copies nothing: read/write decides which
+                    raise OSError("copy_file_range copied nothing")
                 offset, left = offset + n, left - n
         except (AttributeError, OSError):  # no copy_file_range (old kernel, other OS, cross-device)
             src.seek(offset)

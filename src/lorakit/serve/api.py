@@ -49,6 +49,26 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class ApiKeyMiddleware:
+    """401 for /v1 requests without `Authorization: Bearer KEY`. Plain ASGI on purpose: Starlette's
+    BaseHTTPMiddleware (`@app.middleware`) hides a client's disconnect from `request.is_disconnected()`,
+    so a plain request whose client gave up would generate on to the end."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            token = header[7:] if header.lower().startswith(b"bearer ") else b""
+            if not secrets.compare_digest(token, self.api_key):
+                response = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer KEY)",
+                                                   code="invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int = 2048,
                default_max_tokens: int = 256) -> FastAPI:
     """The FastAPI application; `engine` is shared by all requests (its worker batches them)."""
@@ -77,15 +97,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         log.exception("request failed")
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
-                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer KEY)",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -125,9 +138,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
             raise APIError(400, "n > 1 is not supported with beam search", param="n")
         return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(body.n)]
 
-    def submit(ids: list[int], choices: list[GenerationParams], adapter: str | None):
-        """Queue one engine request per choice; events ("text", i, chunk) / ("done", i, request) arrive on
-        one asyncio queue."""
+    def submit(ids: list[int], choices: list[GenerationParams], adapter: str | None, stream: bool):
+        """Queue one engine request per choice; events ("text", i, chunk) (when streaming) and
+        ("done", i, request) arrive on one asyncio queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
 
@@ -140,14 +153,18 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
                 stats[r.finish_reason or "error"] += 1
                 put(("done", i, r))
 
-            return {"on_text": lambda t: put(("text", i, t)), "on_done": done}
+            return {"on_text": (lambda t: put(("text", i, t))) if stream else None, "on_done": done}
 
         reqs: list[GenRequest] = []
         try:
             for i, params in enumerate(choices):
                 reqs.append(engine.submit(ids, params, adapter, **callbacks(i)))
-        except PromptTooLongError as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except BaseException as e:
+            for r in reqs:  # the choices already queued must not run on without a client
+                r.cancel()
+            if isinstance(e, PromptTooLongError):
+                raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise
         return reqs, events
 
     async def wait_done(http: Request, reqs: list[GenRequest], events: asyncio.Queue) -> list[GenRequest]:
@@ -156,7 +173,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
             while len(finished) < len(reqs):
                 try:
                     kind, i, value = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                except asyncio.TimeoutError:  # only "done" events come (no streaming): check the client
                     if await http.is_disconnected():
                         raise APIError(499, "client closed the request") from None
                     continue
@@ -206,7 +223,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages must contain at least one user message", param="messages")
         ids = engine.chat_ids(messages)
-        reqs, events = submit(ids, choices_of(body, params), adapter)
+        reqs, events = submit(ids, choices_of(body, params), adapter, body.stream)
         cid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
         now = int(time.time())
         if body.stream:
@@ -237,7 +254,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         if len(prompts) != 1:
             raise APIError(400, "prompt: exactly one prompt string per request is supported", param="prompt")
         ids = engine.encode(prompts[0], special=True)
-        reqs, events = submit(ids, choices_of(body, params), adapter)
+        reqs, events = submit(ids, choices_of(body, params), adapter, body.stream)
         cid, model = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or engine.default_model
         now = int(time.time())
 

@@ -238,7 +238,12 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     # Every rank takes part: under FSDP or DeepSpeed ZeRO-3 each holds only a shard of the weights, and
     # accelerate gathers the full state dict (a no-op unwrap under DDP or one process). Rank 0 writes.
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    try:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    except ValueError as e:  # ZeRO-3 without gathering 16-bit weights on save
+        raise LorakitError(f"the trained adapter could not be gathered for saving ({e}); set "
+                           f"zero3_save_16bit_model: true in the accelerate config. The checkpoints in "
+                           f"{out} hold the training state.") from e
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, cfg, out, state_dict)  # loss.png: drawn by LossPlotCallback
     tokens = int(trainer.state.num_input_tokens_seen or 0)
