@@ -183,22 +183,25 @@ def main() -> None:
               f"LoRA r=16 on all linear layers; built in {time.perf_counter() - t:.0f}s")
         subprocess.run(["cat", *map(str, (work / "base").glob("*"))], stdout=subprocess.DEVNULL, check=True)
 
-        fast = {
-            "cp -r": ["cp", "-r", str(work / "base"), str(work / "out_cp")],
+        # name -> (command, the path it writes or None)
+        fast: dict[str, tuple[list[str], Path | None]] = {
+            "cp -r": (["cp", "-r", str(work / "base"), str(work / "out_cp")], work / "out_cp"),
             # cp copies in the kernel (copy_file_range); a merge must write most bytes from user space:
-            "write same bytes from Python": [sys.executable, "-c", WRITE_SCRIPT, str(work / "out_write"), str(size)],
+            "write same bytes from Python": ([sys.executable, "-c", WRITE_SCRIPT, str(work / "out_write"), str(size)],
+                                             work / "out_write"),
             # start-up: the interpreter importing what any merge needs (torch, transformers, safetensors)
-            "start-up (import torch, ...)": [sys.executable, "-c",
-                                              "import torch, transformers, safetensors, lorakit.merge.run"],
-            "lorakit merge --no-verify": [sys.executable, "-m", "lorakit", "merge", "--base-model",
-                                          str(work / "base"), "--lora-model", str(work / "adapter"),
-                                          "--output-dir", str(work / "out_lorakit"), "--no-verify"],
+            "start-up (import torch, ...)": ([sys.executable, "-c",
+                                              "import torch, transformers, safetensors, lorakit.merge.run"], None),
+            "lorakit merge --no-verify": ([sys.executable, "-m", "lorakit", "merge", "--base-model",
+                                           str(work / "base"), "--lora-model", str(work / "adapter"),
+                                           "--output-dir", str(work / "out_lorakit"), "--no-verify"],
+                                          work / "out_lorakit"),
         }
-        outputs = dict(zip(fast, ("out_cp", "out_write", "start-up-writes-nothing", "out_lorakit"), strict=True))
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fast}
         for r in range(args.rounds):
-            for name, cmd in fast.items():
-                remove(work / outputs[name])  # each writes into a fresh path, as a user would
+            for name, (cmd, output) in fast.items():
+                if output is not None:
+                    remove(output)  # each writes into a fresh path, as a user would
                 # Flush the previous runs' dirty pages first: otherwise whoever runs next pays for their
                 # writeback (the contender after cp and the Python write was measured up to 2x slower).
                 os.sync()

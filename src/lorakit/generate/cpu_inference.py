@@ -18,11 +18,14 @@ unmerged (switchable) LoRA adapters keeps its layers, since PEFT merges into and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 log = logging.getLogger("lorakit")
 
@@ -93,9 +96,6 @@ class FusedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache: Any = None, past_key_values: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
-
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -134,19 +134,34 @@ def packing_works() -> bool:
         return False
 
 
-def _fuse_llama_layers(model: nn.Module) -> int:
-    """Swap Llama attention/MLP/RMSNorm modules for the fused ones; returns how many were swapped."""
-    kinds = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
-             "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (FastRMSNorm, ())}
-    targets = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            kind = kinds.get(type(child).__name__)
-            if kind and _same_kind(*(getattr(child, p) for p in kind[1])):
-                targets.append((parent, name, kind[0]))
-    for parent, name, fused in targets:
-        setattr(parent, name, fused(getattr(parent, name)))
-    return len(targets)
+def _swap(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace each submodule m of `model` for which `replacement(m)` gives a module; returns how many."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    swapped = 0
+    for parent, name, child in targets:
+        new = replacement(child)
+        if new is not None:
+            setattr(parent, name, new)
+            swapped += 1
+    return swapped
+
+
+# transformers' Llama module -> (its fused replacement, the linears that must be stackable)
+_FUSED = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
+          "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (FastRMSNorm, ())}
+
+
+def _fused(module: nn.Module) -> nn.Module | None:
+    kind = _FUSED.get(type(module).__name__)
+    if kind is None or not _same_kind(*(getattr(module, p) for p in kind[1])):
+        return None
+    return kind[0](module)
+
+
+def _packed(module: nn.Module) -> nn.Module | None:
+    if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+        return PackedLinear(module)
+    return None
 
 
 def optimize_for_cpu(model: nn.Module) -> str | None:
@@ -157,9 +172,6 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
     weight = next(model.parameters(), None)
     if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    fused = _fuse_llama_layers(model)
-    linears = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16] if packing_works() else []
-    for parent, name in linears:
-        setattr(parent, name, PackedLinear(getattr(parent, name)))
-    return f"{fused} modules fused, {len(linears)} linears prepacked"
+    fused = _swap(model, _fused)
+    packed = _swap(model, _packed) if packing_works() else 0
+    return f"{fused} modules fused, {packed} linears prepacked"

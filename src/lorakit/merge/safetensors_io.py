@@ -86,8 +86,7 @@ class SafetensorsFolder:
             path = self.folder / fname
             if not path.is_file():
                 raise ModelNotFoundError(fname, [f"shard {path} listed in {INDEX_NAME}"])
-            header = read_header(path)
-            data_start = 8 + header.pop("__header_bytes__")
+            header, data_start = read_header(path)
             for name, meta in header.items():
                 if name != "__metadata__":
                     self._info[name] = (fname, meta["dtype"], list(meta["shape"]))
@@ -133,9 +132,9 @@ class SafetensorsFolder:
         self._handle, self._open_file = None, None
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data;
-    its length in bytes is added as `__header_bytes__` (the data starts 8 bytes after that)."""
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data, and
+    the file offset where the data starts (`data_offsets` count from there)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -149,8 +148,7 @@ def read_header(path: Path) -> dict[str, Any]:
             raise MismatchError(f"{path}: not a safetensors file (bad header)") from None
         if not isinstance(header, dict):
             raise MismatchError(f"{path}: not a safetensors file (bad header)")
-        header["__header_bytes__"] = n
-        return header
+        return header, 8 + n
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -30,6 +30,7 @@ from lorakit.merge.safetensors_io import (
     SafetensorsFolder,
     StreamingShardWriter,
     st_dtype,
+    torch_dtype,
 )
 
 if TYPE_CHECKING:
@@ -145,8 +146,6 @@ def merged_tensor(plan: MergePlan, t: PlannedTensor, out: torch.Tensor | None = 
     and cast into `out` (shape `t.shape`, dtype `t.dtype`; allocated when not given). Reusing `out`
     matters: a fresh multi-MB allocation per tensor costs page faults that dominate a merge."""
     import torch
-
-    from lorakit.merge.safetensors_io import torch_dtype
 
     w, updates = None, []
     for op in plan.ops[t.name]:

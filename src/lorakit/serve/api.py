@@ -168,19 +168,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
         return reqs, events
 
     async def wait_done(http: Request, reqs: list[GenRequest], events: asyncio.Queue) -> list[GenRequest]:
+        """The finished requests of a non-streaming submit (only "done" events come), in choice order."""
         finished: dict[int, GenRequest] = {}
         try:
             while len(finished) < len(reqs):
                 try:
-                    kind, i, value = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:  # only "done" events come (no streaming): check the client
+                    _, i, value = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:  # quiet: is the client still there?
                     if await http.is_disconnected():
                         raise APIError(499, "client closed the request") from None
                     continue
-                if kind == "done":
-                    if value.error is not None:
-                        raise value.error
-                    finished[i] = value
+                if value.error is not None:
+                    raise value.error
+                finished[i] = value
         finally:
             for r in reqs:  # no-op for finished ones; stops the rest after an error or a disconnect
                 r.cancel()
