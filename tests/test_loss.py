@@ -63,3 +63,19 @@ def test_training_uses_it(tiny_model_dir, tiny_alpaca_json, tmp_path, monkeypatc
         batch_size=4, micro_batch_size=4, max_steps=1, val_set_size=0, cutoff_len=64, logging_steps=1))
     summary = finetune(cfg)
     assert calls and summary.global_step == 1
+
+
+def test_training_forward_returns_the_loss_without_logits(tiny_model_dir):
+    from lorakit.models import load_model
+
+    model = load_model(tiny_model_dir, torch.float32)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    expected = model(input_ids=ids, labels=ids).loss  # transformers' own loss, before installing
+    assert L.install_training_loss(model)
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None and "logits" not in out.keys()
+    torch.testing.assert_close(out.loss, expected)
+    assert model(input_ids=ids).logits is not None  # no loss computed: the logits are the output
+    model.eval()
+    assert model(input_ids=ids, labels=ids).logits is not None  # evaluation keeps them

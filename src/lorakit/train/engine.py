@@ -31,7 +31,7 @@ from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions
 from lorakit.train.lora_layers import speed_up_lora
-from lorakit.train.loss import causal_lm_loss
+from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
 from lorakit.train.precision import resolve_precision
@@ -205,8 +205,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
-    if getattr(model, "loss_type", None) in (None, "ForCausalLM"):
-        model.loss_function = causal_lm_loss  # same loss, no fp32 copy of the logits
+    install_training_loss(model)  # the same loss without fp32 copies of the logits
     if cfg.padding_free and collator is None and use_packed_attention(model):
         log.info("padding-free batches: attention runs per example (%s)", PACKED_ATTENTION)
     set_seed(cfg.seed)  # the LoRA A init draws from the global RNG: same seed, same run

@@ -5,8 +5,8 @@ log-softmax for the backward pass. With a 49k vocabulary that is 2 x 138 MB per 
 micro-batch and, measured on SmolLM2-135M under bf16 (2 cores), about 245 ms of copies, fills and
 log-softmax per micro-batch next to 290 ms for the lm_head matmuls themselves. `ChunkedCrossEntropy`
 reads the logits in their own dtype a block of rows at a time, computes in fp32 (the same
-log-sum-exp and the same fp32 gradient, rounded once to the logits' dtype) and keeps only one fp32
-number per token for the backward pass.
+log-softmax and the same fp32 gradient, rounded once to the logits' dtype) and recomputes the
+softmax in the backward pass instead of keeping it: about 80 ms instead of 255 ms per micro-batch.
 """
 
 from __future__ import annotations
@@ -18,32 +18,33 @@ _ROWS_PER_BLOCK = 8  # 8 x 49k fp32 = 1.5 MB: stays in L2 between the exp and th
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """logits [N, V] (any float dtype), targets [N] -> per-token loss [N] in fp32, 0 where ignored."""
+    """logits [N, V] (any float dtype), targets [N] -> per-token loss [N] in fp32, 0 where ignored.
+
+    Each block of rows goes through one fused log-softmax (forward) or softmax (backward) that reads
+    the logits in their dtype and writes fp32; nothing of size [N, V] is kept for the backward pass."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        log_norm = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], _ROWS_PER_BLOCK):
-            log_norm[start:start + _ROWS_PER_BLOCK] = torch.logsumexp(
-                logits[start:start + _ROWS_PER_BLOCK].float(), dim=-1)
-        target_logits = logits.gather(1, safe_targets[:, None])[:, 0].float()
-        ctx.save_for_backward(logits, safe_targets, valid, log_norm)
-        return torch.where(valid, log_norm - target_logits, 0.0)
+            rows = slice(start, start + _ROWS_PER_BLOCK)
+            log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+            losses[rows] = log_probs.gather(1, safe_targets[rows, None])[:, 0].neg_()
+        ctx.save_for_backward(logits, safe_targets, valid)
+        return losses.masked_fill_(~valid, 0.0)
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
-        logits, targets, valid, log_norm = ctx.saved_tensors
+        logits, targets, valid = ctx.saved_tensors
         scale = torch.where(valid, grad_losses.float(), 0.0)
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], _ROWS_PER_BLOCK):
             end = min(start + _ROWS_PER_BLOCK, logits.shape[0])
-            block = (logits[start:end].float() - log_norm[start:end, None]).exp_()  # softmax
-            block.mul_(scale[start:end, None])
-            rows = torch.arange(end - start, device=logits.device)
-            block[rows, targets[start:end]] -= scale[start:end]
-            grad[start:end] = block
+            block = torch.softmax(logits[start:end], dim=-1, dtype=torch.float32)  # d loss / d logits = p - onehot
+            block[torch.arange(end - start, device=logits.device), targets[start:end]] -= 1.0
+            torch.mul(block, scale[start:end, None], out=grad[start:end])  # rounded once to the logits' dtype
         return grad, None, None
 
 
@@ -61,3 +62,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(losses.device)
     return losses.sum() / num_items_in_batch
+
+
+def _without_logits(module: torch.nn.Module, args, kwargs, output):
+    """Forward hook: a training forward that computed its loss returns it without the logits."""
+    if not module.training or getattr(output, "loss", None) is None or getattr(output, "logits", None) is None:
+        return output
+    return type(output)(**{k: v for k, v in output.items() if k != "logits"})
+
+
+def install_training_loss(model: torch.nn.Module) -> bool:
+    """Use `causal_lm_loss` for a causal LM and let its training forwards return no logits.
+
+    The Trainer reads only the loss of a training step, but under bf16 accelerate copies every
+    output tensor to fp32: for the logits a [N, V] fp32 copy per micro-batch (138 MB and ~40 ms
+    at 700 tokens x 49k). Evaluation (module.eval()) keeps the logits. Returns whether installed."""
+    if getattr(model, "loss_type", None) != "ForCausalLM":
+        return False
+    model.loss_function = causal_lm_loss
+    model.register_forward_hook(_without_logits, with_kwargs=True)
+    return True
