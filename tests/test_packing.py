@@ -185,3 +185,25 @@ def test_grouped_attention_matches_sdpa_forward_and_backward(dtype, tol):
     got = run(lambda a, b, c: packed_attention.grouped_causal_attention(a, b, c, 0.3), dtype)
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
         assert float((g - e).norm() / e.norm()) < tol, name
+
+
+def test_packed_row_is_rounded_up_by_a_separate_pad_segment(tiny_model_dir, features, tok):
+    """The pad tail must change nothing: same per-example losses, no targets, positions restarting at 0."""
+    from lorakit.data.collators import PACKED_LENGTH_MULTIPLE
+
+    model = _lora_model(tiny_model_dir, PACKED).eval()
+    plain = make_collator(None, padding_free=True)([dict(f) for f in features[:3]])
+    rounded = make_collator(tok, padding_free=True)([dict(f) for f in features[:3]])
+    n, m = plain["input_ids"].shape[1], rounded["input_ids"].shape[1]
+    assert m % PACKED_LENGTH_MULTIPLE == 0 and n <= m < n + PACKED_LENGTH_MULTIPLE and m > n, (n, m)
+    assert (rounded["input_ids"][0, n:] == tok.pad_token_id).all()
+    assert (rounded["labels"][0, n:] == IGNORE_INDEX).all()
+    assert rounded["position_ids"][0, n:].tolist() == list(range(m - n))
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(rounded[key][:, :n], plain[key])
+    with torch.no_grad():
+        a = model(**plain).logits[0]
+        b = model(**{k: v for k, v in rounded.items() if k != "labels"}).logits[0, :n]
+        loss_plain, loss_rounded = model(**plain).loss, model(**rounded).loss
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_plain, loss_rounded)

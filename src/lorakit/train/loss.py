@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-_ROWS_PER_BLOCK = 8  # 8 x 49k fp32 = 1.5 MB: stays in L2 between the exp and the write (8 beat 16-128 here)
+_BLOCK_ELEMENTS = 1 << 19  # ~2 MB of fp32 per block stays in L2 between reading and writing it
+
+
+def _rows_per_block(vocab_size: int) -> int:
+    """Measured best here: 32 rows at a 16k vocabulary, 8 at 49k and 128k (fewer rows: per-call overhead)."""
+    return min(256, max(8, _BLOCK_ELEMENTS // vocab_size))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -28,8 +33,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
         losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], _ROWS_PER_BLOCK):
-            rows = slice(start, start + _ROWS_PER_BLOCK)
+        block_rows = _rows_per_block(logits.shape[1])
+        for start in range(0, logits.shape[0], block_rows):
+            rows = slice(start, start + block_rows)
             log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
             losses[rows] = log_probs.gather(1, safe_targets[rows, None])[:, 0].neg_()
         ctx.save_for_backward(logits, safe_targets, valid)
@@ -40,8 +46,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         logits, targets, valid = ctx.saved_tensors
         scale = torch.where(valid, grad_losses.float(), 0.0)
         grad = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], _ROWS_PER_BLOCK):
-            end = min(start + _ROWS_PER_BLOCK, logits.shape[0])
+        block_rows = _rows_per_block(logits.shape[1])
+        for start in range(0, logits.shape[0], block_rows):
+            end = min(start + block_rows, logits.shape[0])
             block = torch.softmax(logits[start:end], dim=-1, dtype=torch.float32)  # d loss / d logits = p - onehot
             block[torch.arange(end - start, device=logits.device), targets[start:end]] -= 1.0
             torch.mul(block, scale[start:end, None], out=grad[start:end])  # rounded once to the logits' dtype
