@@ -95,7 +95,7 @@ def _count_targets(feats: list[dict]) -> int:
     return sum(sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in feats)
 
 
-def test_padded_and_padding_free_average_over_the_same_tokens(tiny_model_dir, features, tok):
+def test_padded_and_padding_free_average_over_the_same_tokens(tiny_model_dir, features, tok, tmp_path):
     """HF Trainer divides the summed loss of the micro-batches of one step by num_items_in_batch: both
     collators must yield the same count and the same summed loss (= the independent mean CE)."""
     from transformers import Trainer, TrainingArguments
@@ -109,7 +109,8 @@ def test_padded_and_padding_free_average_over_the_same_tokens(tiny_model_dir, fe
                                             f["input_ids"]).sum()) for f in features[:8]) / n_expected
         step_losses = {}
         for padding_free in (False, True):
-            args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], gradient_accumulation_steps=2)
+            args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                     gradient_accumulation_steps=2)
             trainer = Trainer(model=model, args=args, data_collator=make_collator(tok, padding_free=padding_free))
             batches = [trainer.data_collator([dict(f) for f in mb]) for mb in micro]
             n_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
