@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -39,12 +40,14 @@ def test_yaml_config_with_flag_override(tmp_path):
     ("data_path: a.json\nlora_rank: 4\n", "unknown option(s): --lora-rank"),
     ("data_path: a.json\nlora_r: four\n", "--lora-r: invalid value 'four'"),
     ("data_path: a.json\nbatch_size: 10\nmicro_batch_size: 4\n", "multiple of --micro-batch-size"),
+    ("data_path: a.json\nlora_dropout: 1.0\n", "--lora-dropout must be in [0, 0.999), got 1.0"),
+    ("data_path: a.json\nlora_r: 0\n", "--lora-r must be >= 1"),
     ("- a\n- b\n", "a config must be a mapping"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         _parse([str(path)])
 
 

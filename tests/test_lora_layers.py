@@ -50,6 +50,8 @@ def test_eval_and_zero_rate_pass_through():
     assert FastDropout(0.0).train()(x) is x
     with pytest.raises(ValueError):
         FastDropout(1.0)
+    with pytest.raises(ValueError):
+        FastDropout(0.99999)  # would round to 1: every element dropped, scale infinite
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

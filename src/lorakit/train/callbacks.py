@@ -22,6 +22,13 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
+def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train loss) and (step, eval loss) pairs of a Trainer log history."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    return train, evals
+
+
 def plot_losses(log_history: list[dict], path: Path) -> None:
     """Write a PNG with the train loss curve and eval loss points (written to a temp file, then renamed)."""
     import matplotlib
@@ -29,8 +36,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    train, evals = loss_points(log_history)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
@@ -48,15 +54,23 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 
 class LossPlotCallback(TrainerCallback):
-    """Redraw `loss.png` at every checkpoint and at the end, so a killed run still has its curve."""
+    """Redraw `loss.png` at every checkpoint and at the end, so a killed run still has its curve.
+
+    A run that ends on a checkpoint step would draw the same curve twice in a row (~0.5 s each on a
+    small CPU, inside the training time): it is drawn again only when its points have changed."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._drawn: tuple | None = None
+
+    def _draw(self, state) -> None:
+        points = loss_points(state.log_history)
+        if state.is_world_process_zero and (points != self._drawn or not self.path.exists()):
+            plot_losses(state.log_history, self.path)
+            self._drawn = points
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_losses(state.log_history, self.path)
+        self._draw(state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_losses(state.log_history, self.path)
+        self._draw(state)

@@ -19,6 +19,12 @@ class LoraOptions:
     modules_to_save: list[str] = opt([], "modules trained fully and saved with the adapter (e.g. embed_tokens,lm_head)")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
 
+    def validate_lora(self) -> None:
+        if self.lora_r < 1:
+            raise ConfigError("--lora-r must be >= 1")
+        if not 0.0 <= self.lora_dropout < 0.999:
+            raise ConfigError(f"--lora-dropout must be in [0, 0.999), got {self.lora_dropout}")
+
 
 @dataclass
 class TrainOptions:
@@ -66,8 +72,7 @@ class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, ModelOptions)
     def validate(self) -> None:
         self.validate_data()
         self.validate_train()
-        if self.lora_r < 1:
-            raise ConfigError("--lora-r must be >= 1")
+        self.validate_lora()
 
 
 @dataclass

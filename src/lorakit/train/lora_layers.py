@@ -27,9 +27,9 @@ class FastDropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.threshold = round(p * _LANE_VALUES)
+        if not 0.0 <= p < 1.0 or self.threshold >= _LANE_VALUES:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = self.threshold / _LANE_VALUES  # the probability actually applied
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,7 @@ class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
     def validate(self) -> None:
         if self.block_size < 8:
             raise ConfigError("--block-size must be at least 8")
-        if self.lora_r < 1:
-            raise ConfigError("--lora-r must be >= 1")
+        self.validate_lora()
         if self.val_set_size < 0:
             raise ConfigError("--val-set-size must be >= 0")
         self.validate_train()
