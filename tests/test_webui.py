@@ -74,7 +74,9 @@ def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
             const v = box ? box.value : '';
             if (v && window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 5); }""")
         page.locator("#submit").click()
-        page.wait_for_function("(want) => (document.querySelector('#output textarea') || {}).value === want",
+        # wait on the recorder, not the box: the box can show the final text a moment before the 5 ms
+        # recorder has copied it, and then the last recorded state would lag behind
+        page.wait_for_function("(want) => window.__seen.length && window.__seen[window.__seen.length - 1] === want",
                                arg=expected, timeout=60_000)
         seen = page.evaluate("() => window.__seen")
         page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
