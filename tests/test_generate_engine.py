@@ -296,3 +296,19 @@ def test_requests_join_a_running_batch_mid_flight(engine, model_tok):
     alone = Request(late_ids, engine.with_template_stops(sampled))
     run_batch(model, tok, [alone])
     assert late_req.text == alone.text
+
+
+def test_params_from_cli_options_and_api_bodies_take_every_shared_field():
+    """CLI options and API bodies become GenerationParams through one function: every sampling field of
+    the same name is carried over (a field added to both but forgotten here would stay at its default)."""
+    from types import SimpleNamespace
+
+    from lorakit.errors import ConfigError
+
+    values = dict(temperature=0.7, top_p=0.9, top_k=5, num_beams=1, repetition_penalty=1.1,
+                  presence_penalty=0.5, frequency_penalty=0.25, seed=7, ignore_eos=True, unrelated="x")
+    params = GenerationParams.from_fields(SimpleNamespace(**values), max_new_tokens=9, stop=["##"])
+    assert params == GenerationParams(max_new_tokens=9, stop=["##"], **{k: v for k, v in values.items()
+                                                                        if k != "unrelated"})
+    with pytest.raises(ConfigError, match="top_p"):
+        GenerationParams.from_fields(SimpleNamespace(top_p=0.0))

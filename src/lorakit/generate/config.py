@@ -59,11 +59,7 @@ class SamplingOptions:
     def generation_params(self):
         from lorakit.generate.engine import GenerationParams
 
-        return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k, num_beams=self.num_beams,
-                                repetition_penalty=self.repetition_penalty,
-                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                                stop=list(self.stop), seed=self.seed).validate()
+        return GenerationParams.from_fields(self, stop=list(self.stop))
 
 
 @dataclass

@@ -9,6 +9,7 @@ the training/eval code calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -38,6 +39,14 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS (benchmarks: fixed-length outputs)
+
+    @classmethod
+    def from_fields(cls, source: object, **overrides) -> GenerationParams:
+        """Validated params from any object with sampling attributes of the same names (CLI options,
+        an API request body); `overrides` for what the source names or shapes differently."""
+        shared = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in overrides and hasattr(source, f.name)}
+        return cls(**shared, **overrides).validate()
 
     def validate(self) -> GenerationParams:
         checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),

@@ -117,12 +117,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
                            param="max_tokens")
         try:
-            return GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    top_k=body.top_k, num_beams=body.num_beams,
-                                    repetition_penalty=body.repetition_penalty,
-                                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                    stop=body.stop_list(),
-                                    seed=body.seed, ignore_eos=body.ignore_eos).validate()
+            return GenerationParams.from_fields(body, max_new_tokens=max_tokens, stop=body.stop_list())
         except ConfigError as e:
             raise APIError(400, str(e)) from None
 
