@@ -4,7 +4,9 @@ HF Trainer brings gradient accumulation, checkpoints with optimizer/scheduler/RN
 resume), DDP/FSDP/DeepSpeed under torchrun/accelerate, evaluation and TensorBoard. This module adds
 what alpaca-lora users had to get right by hand: the global batch split into micro-batches across
 processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under bf16, an output folder
-with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty.
+with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty. The
+CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, a loss without fp32 logits)
+live in packed_attention.py, lora_layers.py and loss.py, each tested against the computation it replaces.
 """
 
 from __future__ import annotations
