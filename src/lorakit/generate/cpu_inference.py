@@ -18,7 +18,6 @@ unmerged (switchable) LoRA adapters keeps its layers, since PEFT merges into and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from lorakit.models.swap import swap_modules
 
 log = logging.getLogger("lorakit")
 
@@ -134,18 +135,6 @@ def packing_works() -> bool:
         return False
 
 
-def _swap(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Replace each submodule m of `model` for which `replacement(m)` gives a module; returns how many."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
-    swapped = 0
-    for parent, name, child in targets:
-        new = replacement(child)
-        if new is not None:
-            setattr(parent, name, new)
-            swapped += 1
-    return swapped
-
-
 # transformers' Llama module -> (its fused replacement, the linears that must be stackable)
 _FUSED = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
           "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (FastRMSNorm, ())}
@@ -172,6 +161,6 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
     weight = next(model.parameters(), None)
     if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    fused = _swap(model, _fused)
-    packed = _swap(model, _packed) if packing_works() else 0
+    fused = swap_modules(model, _fused)
+    packed = swap_modules(model, _packed) if packing_works() else 0
     return f"{fused} modules fused, {packed} linears prepacked"

@@ -1,0 +1,61 @@
+"""RMSNorm for training with a hand-written backward: the same forward numbers, fewer passes.
+
+transformers' LlamaRMSNorm is six autograd ops (upcast, pow, mean, rsqrt, multiply, cast) plus the
+weight product, and autograd replays each in the backward. `RMSNormFunction` keeps x and the [N, 1]
+reciprocal RMS and computes the input gradient in one fp32 expression. Measured on this CPU
+(862 x 576 bf16 under autocast, forward + backward): 1.36 ms vs 2.35 ms; 61 norms per SmolLM2
+micro-batch. The forward is bit-identical to transformers'; the gradient agrees to ~2e-5 (it rounds
+once, at the end).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.models.swap import swap_modules
+
+# Norms whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype): not Gemma's (1 + weight).
+SAME_MATH = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """x [..., H], weight [H] -> weight * (x / rms(x) computed in fp32, cast to x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (x32 * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.float() * inv_rms
+        grad_normed = (grad_out * weight).float()
+        # d/dx of x * inv_rms(x): inv_rms * (g - normed * mean(g * normed))
+        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inv_rms
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype)).float().reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class TrainRMSNorm(nn.Module):
+    """Stands in for a transformers RMSNorm; holds the same weight Parameter (same state-dict key)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def use_train_rmsnorm(model: nn.Module) -> int:
+    """Swap every RMSNorm of a known same-math class for `TrainRMSNorm`; returns how many."""
+    return swap_modules(model, lambda m: TrainRMSNorm(m) if type(m).__name__ in SAME_MATH else None)
