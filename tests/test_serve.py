@@ -128,14 +128,24 @@ def test_presence_and_frequency_penalties_are_applied(client, refs):
     assert r.choices[0].text == expected
 
 
-def test_n_choices_plain_and_streaming(client, refs):
+def test_n_choices_plain_and_streaming(client, refs, server):
     """n choices: greedy ones all equal the reference; seeded sampled ones are choice i = seed + i alone;
     streamed deltas, grouped by index, rebuild each choice; the prompt counts once in usage."""
+    finished = sum(httpx.get(server["url"] + "/health").json()["finished"].values())
     r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi there"}],
                                        temperature=0, max_tokens=6, n=2)
     expected, n_prompt = refs["chat"]("Hi there", 6)
     assert [c.index for c in r.choices] == [0, 1] and all(c.message.content == expected for c in r.choices)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 12)
+    # greedy choices are one answer: generated once, not n times
+    assert sum(httpx.get(server["url"] + "/health").json()["finished"].values()) == finished + 1
+    streamed = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi there"}],
+                                              temperature=0, max_tokens=6, n=2, stream=True)
+    parts = ["", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            parts[c.index] += c.delta.content or ""
+    assert [p.strip() for p in parts] == [expected, expected]
 
     sample = dict(model="tiny-chat", prompt="Once upon a time", temperature=1.0, max_tokens=8)
     many = client.completions.create(n=3, seed=5, **sample)

@@ -143,17 +143,27 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
             with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        def callbacks(i: int) -> dict[str, Any]:
+        def callbacks(indices: range) -> dict[str, Any]:
+            """Events of one engine request, delivered to each choice index it answers."""
             def done(r: GenRequest) -> None:
                 stats[r.finish_reason or "error"] += 1
-                put(("done", i, r))
+                for i in indices:
+                    put(("done", i, r))
 
-            return {"on_text": (lambda t: put(("text", i, t))) if stream else None, "on_done": done}
+            def text(t: str) -> None:
+                for i in indices:
+                    put(("text", i, t))
 
+            return {"on_text": text if stream else None, "on_done": done}
+
+        # Greedy choices are all the same answer (the seed plays no part): compute it once.
+        shared = len(choices) > 1 and choices[0].temperature == 0
         reqs: list[GenRequest] = []
         try:
-            for i, params in enumerate(choices):
-                reqs.append(engine.submit(ids, params, adapter, **callbacks(i)))
+            if shared:
+                reqs = [engine.submit(ids, choices[0], adapter, **callbacks(range(len(choices))))] * len(choices)
+            for i, params in enumerate(choices if not shared else []):
+                reqs.append(engine.submit(ids, params, adapter, **callbacks(range(i, i + 1))))
         except BaseException as e:
             for r in reqs:  # the choices already queued must not run on without a client
                 r.cancel()
