@@ -85,7 +85,8 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                                                   dropout_p=dropout if module.training else 0.0, scale=scaling,
                                                   is_causal=True)[0]
                    for q, k, v in pieces]
-    return torch.cat(outputs, dim=1).transpose(0, 1)[None].contiguous(), None
+    # each [H, T_i, D] goes straight into its rows of the [N, H, D] result: one copy, not two
+    return torch.cat([o.transpose(0, 1) for o in outputs], dim=0)[None], None
 
 
 def register() -> None:
