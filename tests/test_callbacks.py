@@ -10,10 +10,10 @@ from lorakit.train import callbacks
 def test_loss_plot_is_redrawn_only_when_its_points_change(tmp_path, monkeypatch):
     drawn = []
     real = callbacks.plot_losses
-    monkeypatch.setattr(callbacks, "plot_losses",
-                        lambda history, path: drawn.append(len(history)) or real(history, path))
-    cb = callbacks.LossPlotCallback(tmp_path / "loss.png")
     state = SimpleNamespace(is_world_process_zero=True, log_history=[{"step": 1, "loss": 2.0}])
+    monkeypatch.setattr(callbacks, "plot_losses",  # records the log length at each draw
+                        lambda points, path: drawn.append(len(state.log_history)) or real(points, path))
+    cb = callbacks.LossPlotCallback(tmp_path / "loss.png")
     cb.on_save(None, state, None)
     state.log_history.append({"step": 2, "train_runtime": 3.0})  # the end-of-training summary: no new point
     cb.on_train_end(None, state, None)

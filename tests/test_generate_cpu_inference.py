@@ -8,13 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from lorakit.generate.cpu_inference import (
-    FastRMSNorm,
     FusedAttention,
     FusedMLP,
     PackedLinear,
     optimize_for_cpu,
     packing_works,
 )
+from lorakit.models.rmsnorm import RMSNorm
 from tiny_models import make_tiny_llama
 
 
@@ -49,7 +49,7 @@ def test_fused_packed_model_gives_transformers_logits(tmp_path, tied):
     packed = layers * 4 + 1 if packing_works() else 0
     assert summary == f"{layers * 4 + 1} modules fused, {packed} linears prepacked"
     kinds = {type(m) for m in fast.modules()}
-    assert {FusedAttention, FusedMLP, FastRMSNorm} <= kinds
+    assert {FusedAttention, FusedMLP, RMSNorm} <= kinds
     assert (PackedLinear in kinds and torch.nn.Linear not in kinds) == bool(packed)
 
     ids = torch.tensor([[0, 0, 0, 5, 60, 700, 80], [1, 42, 43, 44, 45, 46, 47]])

@@ -7,7 +7,7 @@ A decode step is ~200 matrix-vector products plus ~1,500 small tensor ops, and o
   faster (1536x576, AVX512-BF16: 190 -> 91 us) and gives bit-identical results. This is what
   `torch.compile`'s freezing pass does for CPU, without a compile (which takes minutes on 2 cores).
 - **Fused projections**: q/k/v become one product, gate/up another (`FusedAttention`, `FusedMLP`), and
-  RMSNorm uses the fused `F.rms_norm` (`FastRMSNorm`); fewer, larger calls. Measured on smollm2-135m:
+  RMSNorm uses the fused `F.rms_norm` (`models.rmsnorm.RMSNorm`); fewer, larger calls. Measured on smollm2-135m:
   21 -> 26 tokens/s at batch 1 on top of packing; the same greedy text.
 
 The fused modules mirror transformers' Llama modules line by line except for the fusion, and use the
@@ -21,11 +21,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from lorakit.models.rmsnorm import RMSNorm
 from lorakit.models.swap import swap_modules
 
 log = logging.getLogger("lorakit")
@@ -110,17 +110,6 @@ class FusedAttention(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
-class FastRMSNorm(nn.Module):
-    """LlamaRMSNorm through the fused `F.rms_norm`: weight * (x / rms(x) in fp32, cast back)."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.weight, self.eps = norm.weight, norm.variance_epsilon
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
 def packing_works() -> bool:
     """Whether this torch build and CPU run packed bf16 linears, and they agree with `F.linear`."""
     if not torch.backends.mkldnn.is_available():
@@ -137,7 +126,7 @@ def packing_works() -> bool:
 
 # transformers' Llama module -> (its fused replacement, the linears that must be stackable)
 _FUSED = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
-          "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (FastRMSNorm, ())}
+          "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (RMSNorm, ())}
 
 
 def _fused(module: nn.Module) -> nn.Module | None:

@@ -156,14 +156,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
 
             return {"on_text": text if stream else None, "on_done": done}
 
-        # Greedy choices are all the same answer (the seed plays no part): compute it once.
-        shared = len(choices) > 1 and choices[0].temperature == 0
-        reqs: list[GenRequest] = []
+        # Greedy choices are all the same answer (the seed plays no part): one request answers them all.
+        if len(choices) > 1 and choices[0].temperature == 0:
+            jobs = [(choices[0], range(len(choices)))]
+        else:
+            jobs = [(params, range(i, i + 1)) for i, params in enumerate(choices)]
+        reqs: list[GenRequest] = []  # one entry per choice index
         try:
-            if shared:
-                reqs = [engine.submit(ids, choices[0], adapter, **callbacks(range(len(choices))))] * len(choices)
-            for i, params in enumerate(choices if not shared else []):
-                reqs.append(engine.submit(ids, params, adapter, **callbacks(range(i, i + 1))))
+            for params, indices in jobs:
+                reqs += [engine.submit(ids, params, adapter, **callbacks(indices))] * len(indices)
         except BaseException as e:
             for r in reqs:  # the choices already queued must not run on without a client
                 r.cancel()

@@ -29,14 +29,14 @@ def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[
     return train, evals
 
 
-def plot_losses(log_history: list[dict], path: Path) -> None:
-    """Write a PNG with the train loss curve and eval loss points (written to a temp file, then renamed)."""
+def plot_losses(points: tuple[list, list], path: Path) -> None:
+    """Write a PNG of `loss_points`: the train loss curve and eval loss points (temp file, then renamed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = loss_points(log_history)
+    train, evals = points
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
@@ -66,7 +66,7 @@ class LossPlotCallback(TrainerCallback):
     def _draw(self, state) -> None:
         points = loss_points(state.log_history)
         if state.is_world_process_zero and (points != self._drawn or not self.path.exists()):
-            plot_losses(state.log_history, self.path)
+            plot_losses(points, self.path)
             self._drawn = points
 
     def on_save(self, args, state, control, **kwargs):

@@ -6,8 +6,8 @@ what alpaca-lora users had to get right by hand: the global batch split into mic
 processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under bf16, an output folder
 with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty. The
 CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, a loss without fp32 logits,
-RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and norms.py,
-each tested against the computation it replaces.
+RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and
+models/rmsnorm.py, each tested against the computation it replaces.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from lorakit.config import save_yaml
 from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
+from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
-from lorakit.train.norms import use_train_rmsnorm
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
 from lorakit.train.precision import resolve_precision
@@ -210,7 +210,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
     install_training_loss(model)  # the same loss without fp32 copies of the logits
-    use_train_rmsnorm(model)  # the same norms with a one-expression backward
+    swap_rmsnorms(model)  # the same norms with a one-expression backward
     if cfg.padding_free and collator is None and use_packed_attention(model):
         log.info("padding-free batches: attention runs per example (%s)", PACKED_ATTENTION)
     set_seed(cfg.seed)  # the LoRA A init draws from the global RNG: same seed, same run

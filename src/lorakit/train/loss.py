@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from lorakit.data.tokenize import IGNORE_INDEX
 
 
 def _rows_per_block(vocab_size: int, device: torch.device) -> int:
