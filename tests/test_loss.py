@@ -1,4 +1,5 @@
-"""The chunked causal-LM loss must be transformers' ForCausalLMLoss, value and gradient, in bf16 and fp32."""
+"""The causal-LM losses must be transformers' ForCausalLMLoss, value and gradient, in bf16 and fp32: the
+chunked one on given logits, the fused one on hidden states and the lm_head weight."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from lorakit.train import loss as L
 
 
-def _loss_and_grad(fn, logits: torch.Tensor, labels: torch.Tensor, **kwargs):
+def _loss_and_grad(fn, logits: torch.Tensor, labels: torch.Tensor, vocab: int | None = None, **kwargs):
     x = logits.clone().requires_grad_()
-    value = fn(x, labels, logits.shape[-1], **kwargs)
+    value = fn(x, labels, vocab or logits.shape[-1], **kwargs)
     (value * 3.0).backward()  # a non-unit upstream gradient must be applied too
     return value.detach(), x.grad
 
@@ -49,20 +50,134 @@ def test_shift_labels_are_used_as_given():
     torch.testing.assert_close(value, independent)
 
 
-def test_training_uses_it(tiny_model_dir, tiny_alpaca_json, tmp_path, monkeypatch):
-    """`train` installs the chunked loss on the model (the loss curve tests of test_packing then run on it)."""
+def _fused_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs):
+    head = L.FusedLMHead(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    head.defer = True  # as the pre-hook sets it for a training forward with labels
+    return _loss_and_grad(lambda h, *a, **k: L.causal_lm_loss(h, *a, head=head, **k), hidden, labels,
+                          vocab=weight.shape[0], **kwargs)
+
+
+def _assert_as_close_as(grad: torch.Tensor, ref_grad: torch.Tensor, exact: torch.Tensor) -> None:
+    """`grad` is no further from the exact fp32 gradient than transformers' `ref_grad` (up to 2x)."""
+    ref_error, error = (ref_grad.float() - exact).norm(), (grad.float() - exact).norm()
+    assert error <= 2 * ref_error and error < 0.01 * exact.norm(), (error, ref_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_fused_head_equals_linear_then_transformers_loss(dtype, num_items, monkeypatch):
+    monkeypatch.setattr(L, "_head_rows_per_block", lambda vocab: 4)  # several blocks and a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 13, 24).to(dtype)
+    weight = (torch.randn(301, 24) / 2).to(dtype)
+    labels = torch.randint(0, 301, (2, 13))
+    labels[0, :4] = L.IGNORE_INDEX
+    labels[1, -3:] = L.IGNORE_INDEX
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    ref_value, ref_grad = _loss_and_grad(lambda h, *a, **k: ForCausalLMLoss(h @ weight.t(), *a, **k), hidden,
+                                         labels, vocab=301, **kwargs)
+    value, grad = _fused_loss_and_grad(hidden, weight, labels, **kwargs)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(value.float(), ref_value.float(), rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    else:  # both round once to bf16 (the reference after scaling p - onehot, the fused loss before):
+        # as close to the fp32 gradient of the same inputs as transformers' bf16 gradient is
+        _, exact = _loss_and_grad(lambda h, *a, **k: ForCausalLMLoss(h @ weight.float().t(), *a, **k),
+                                  hidden.float(), labels, vocab=301, **kwargs)
+        _assert_as_close_as(grad, ref_grad, exact)
+    assert grad[0, 2].abs().sum() == 0 and grad[1, -1].abs().sum() == 0  # ignored targets: no gradient
+    assert grad[0, 3].abs().sum() > 0
+
+
+def test_fused_head_under_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(1, 9, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (1, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_value, ref_grad = _loss_and_grad(lambda h, *a, **k: ForCausalLMLoss(h @ weight.t(), *a, **k), hidden,
+                                             labels, vocab=50)
+        value, grad = _fused_loss_and_grad(hidden, weight, labels)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-6)
+    exact_value, exact = _loss_and_grad(lambda h, *a, **k: ForCausalLMLoss(h @ weight.t(), *a, **k), hidden,
+                                        labels, vocab=50)
+    _assert_as_close_as(grad, ref_grad, exact)
+    assert value != exact_value  # really computed in bf16, as autocast would
+
+
+def test_training_uses_the_fused_head(tiny_model_dir, tiny_alpaca_json, tmp_path, monkeypatch):
+    """`train` installs the fused loss (the loss curve tests of test_packing then run on it); eval the chunked one."""
     from lorakit.config import build_config
     from lorakit.train.config import FinetuneConfig
     from lorakit.train.finetune import finetune
 
-    calls = []
-    real = L.ChunkedCrossEntropy.forward
-    monkeypatch.setattr(L.ChunkedCrossEntropy, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    calls = {"fused": 0, "chunked": 0}
+    for name, cls in (("fused", L.LinearCrossEntropy), ("chunked", L.ChunkedCrossEntropy)):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", staticmethod(
+            lambda *a, name=name, real=real: calls.__setitem__(name, calls[name] + 1) or real(*a)))
     cfg = build_config(FinetuneConfig, dict(
         base_model=str(tiny_model_dir), data_path=str(tiny_alpaca_json), output_dir=str(tmp_path / "out"),
-        batch_size=4, micro_batch_size=4, max_steps=1, val_set_size=0, cutoff_len=64, logging_steps=1))
+        batch_size=4, micro_batch_size=4, max_steps=1, val_set_size=4, eval_steps=1, cutoff_len=64,
+        logging_steps=1))
     summary = finetune(cfg)
-    assert calls and summary.global_step == 1
+    assert summary.global_step == 1 and summary.eval_loss is not None
+    assert calls["fused"] == 1 and calls["chunked"] >= 1
+
+
+def _tiny_lora_grads(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.train()
+    loss = peft_model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_fused_head_in_a_model_gives_transformers_loss_and_lora_gradients(tiny_model_dir, monkeypatch):
+    from lorakit.models import load_model
+
+    fused_rows = []
+    real = L.LinearCrossEntropy.forward
+    monkeypatch.setattr(L.LinearCrossEntropy, "forward", staticmethod(
+        lambda ctx, hidden, *a: fused_rows.append(len(hidden)) or real(ctx, hidden, *a)))
+
+    ids = torch.randint(5, 1000, (2, 11), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :5] = L.IGNORE_INDEX  # a masked prompt: those rows get no logits at all
+    ref_loss, ref_grads = _tiny_lora_grads(load_model(tiny_model_dir, torch.float32), ids, labels)
+    model = load_model(tiny_model_dir, torch.float32)
+    keys, tied = set(model.state_dict()), model.lm_head.weight is model.model.embed_tokens.weight
+    assert L.install_training_loss(model)
+    assert isinstance(model.lm_head, L.FusedLMHead) and set(model.state_dict()) == keys
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    loss, grads = _tiny_lora_grads(model, ids, labels)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 8
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert fused_rows == [22] and not model.lm_head.defer  # it ran, and is reset after the forward
+
+
+def test_trainable_head_and_plain_forwards_get_real_logits(tiny_model_dir):
+    from lorakit.models import load_model
+
+    model = load_model(tiny_model_dir, torch.float32)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    expected_logits = model(input_ids=ids).logits
+    L.install_training_loss(model)
+    model.train()
+    torch.testing.assert_close(model(input_ids=ids).logits, expected_logits)  # no labels: logits, not hidden
+    model.lm_head.weight.requires_grad_(True)  # e.g. a trained output layer: not fused, still right
+    expected = torch.nn.functional.cross_entropy(expected_logits[0, :-1], ids[0, 1:])
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_training_forward_returns_the_loss_without_logits(tiny_model_dir):
