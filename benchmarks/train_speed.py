@@ -5,7 +5,8 @@
 
 Reference ("alpaca-lora"): HF Trainer + PEFT LoRA (r 8, alpha 16, dropout 0.05, q_proj/v_proj), fp32,
 left-padded DataCollatorForSeq2Seq (pad to the longest, multiple of 8), AdamW, linear schedule,
-warm-up 0, prompts from the alpaca template with EOS appended, loss on the whole sequence.
+warm-up 0, prompts from the alpaca template with EOS appended, loss on the whole sequence (or,
+with --no-train-on-inputs, on the response only).
 lorakit: `finetune` with its defaults (auto precision, padding-free batches) and the same data and
 hyper-parameters. Each side runs in its own subprocess (so peak RSS is its own); both adapters are
 then scored on the same held-out examples with the same fp32 evaluator (mean token cross-entropy).
@@ -32,8 +33,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def alpaca_lora_features(records: list[dict], tokenizer, cutoff_len: int) -> list[dict]:
-    """alpaca-lora's generate_and_tokenize_prompt (train_on_inputs=True, add_eos_token=True)."""
+def alpaca_lora_features(records: list[dict], tokenizer, cutoff_len: int, train_on_inputs: bool) -> list[dict]:
+    """alpaca-lora's generate_and_tokenize_prompt (add_eos_token=True); without train_on_inputs the
+    prompt's tokens are labelled -100."""
     from lorakit.prompts import get_prompter
 
     prompter = get_prompter("alpaca", tokenizer)
@@ -43,7 +45,12 @@ def alpaca_lora_features(records: list[dict], tokenizer, cutoff_len: int) -> lis
         ids = tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
         if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
             ids.append(tokenizer.eos_token_id)
-        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+        labels = list(ids)
+        if not train_on_inputs:
+            prompt = prompter.generate_prompt(r["instruction"], r.get("input") or None)
+            masked = len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"])
+            labels = [-100] * masked + labels[masked:]
+        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return feats
 
 
@@ -56,7 +63,8 @@ def run_reference(a: dict) -> dict:
 
     tokenizer = load_tokenizer(a["base_dir"])
     tokenizer.padding_side = "left"  # as alpaca-lora
-    feats = alpaca_lora_features(json.loads(Path(a["train_json"]).read_text()), tokenizer, a["cutoff_len"])
+    feats = alpaca_lora_features(json.loads(Path(a["train_json"]).read_text()), tokenizer, a["cutoff_len"],
+                                 a["train_on_inputs"])
     model = AutoModelForCausalLM.from_pretrained(a["base_dir"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                              lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"))
@@ -91,7 +99,8 @@ def run_lorakit(a: dict) -> dict:
     cfg = build_config(FinetuneConfig, dict(
         base_model=a["base_dir"], data_path=a["train_json"], output_dir=a["out"], batch_size=a["batch_size"],
         micro_batch_size=a["micro_batch_size"], num_epochs=a["epochs"], learning_rate=a["lr"], warmup_steps=0,
-        cutoff_len=a["cutoff_len"], val_set_size=0, logging_steps=10, save_steps=10**6, overwrite=True))
+        cutoff_len=a["cutoff_len"], train_on_inputs=a["train_on_inputs"], val_set_size=0, logging_steps=10,
+        save_steps=10**6, overwrite=True))
     s = finetune(cfg)
     return {"tokens": s.tokens_seen, "seconds": s.train_seconds, "train_loss": s.train_loss,
             "peak_rss_mb": peak_rss_mb(), "precision": s.precision}
@@ -161,6 +170,8 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="loss on the prompt too (alpaca-lora's default); --no-train-on-inputs masks it on both sides")
     p.add_argument("--rounds", type=int, default=1, help="runs of each side, alternating; the best is kept")
     p.add_argument("--worker", choices=["ref", "lorakit"], help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
@@ -181,7 +192,7 @@ def main() -> None:
             for side in ("ref", "lorakit") if r % 2 == 0 else ("lorakit", "ref"):
                 a = dict(base_dir=base_dir, train_json=str(train_json), out=str(tmp_path / f"{side}{r}"),
                          lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                         epochs=args.epochs, cutoff_len=args.cutoff_len)
+                         epochs=args.epochs, cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
                 Path(a["out"]).mkdir()
                 cmd = [sys.executable, __file__, "--worker", side, "--worker-args", json.dumps(a)]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -206,6 +217,7 @@ def main() -> None:
     pad_share = 1 - ref["tokens"] / args.epochs / ref["padded_tokens_one_epoch"]
     print(f"\nbase {args.base}, {len(train)} train / {len(held)} held-out examples, batch {args.batch_size} "
           f"(micro {args.micro_batch_size}), {args.epochs:g} epoch(s), cutoff {args.cutoff_len}, "
+          f"{'' if args.train_on_inputs else 'prompts masked, '}"
           f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}; padding in the reference: {pad_share:.0%}; "
           f"best of {args.rounds} round(s)")
     print("| run | precision | non-pad tokens/s | tokens/CPU-s | train s | peak RSS MB | held-out loss |\n"

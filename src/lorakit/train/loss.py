@@ -81,19 +81,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     """hidden [N, H], frozen weight [V, H], targets [N] -> per-token loss [N] in fp32, 0 where ignored.
 
     Equal to cross_entropy(hidden @ weight.T, targets) per token, computed in the dtype autocast would
-    use for the matmul (log-softmax and probabilities in fp32, as transformers does). `workspace` is
-    the `FusedLMHead` whose buffers hold one block of logits; no gradient flows to `weight`."""
+    use for the matmul (log-softmax and probabilities in fp32, as transformers does). `head` is the
+    `FusedLMHead` whose workspace holds one block of logits; no gradient flows to `weight`."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                workspace: FusedLMHead) -> torch.Tensor:
+                head: FusedLMHead) -> torch.Tensor:
         device = hidden.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         rows = torch.nonzero(targets != ignore_index).flatten()
         h, t, w = hidden.index_select(0, rows).to(dtype), targets[rows], weight.to(dtype)
         row_losses = torch.empty(len(rows), dtype=torch.float32, device=device)
         grad_rows = torch.empty_like(h)  # d loss_i / d hidden_i, before the incoming gradient
-        logits_buf, probs_buf = workspace.buffers(w.shape[0], dtype, device)
+        logits_buf, probs_buf = head.workspace(w.shape[0], dtype, device)
         block = logits_buf.shape[0]
         offsets = torch.arange(block, device=device)
         for start in range(0, len(rows), block):
@@ -128,20 +128,20 @@ class FusedLMHead(nn.Linear):
         self.in_features, self.out_features = head.in_features, head.out_features
         self.weight, self.bias = head.weight, None
         self.defer = False
-        self._buffers_by_kind: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.defer else super().forward(hidden)
 
-    def buffers(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def workspace(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One block of logits [R, V] in `dtype` and of fp32 probabilities, kept between steps (fresh
         tensors of this size cost page faults each time)."""
         key = (vocab_size, dtype, device)
-        if key not in self._buffers_by_kind:
+        if key not in self._workspaces:
             rows = _head_rows_per_block(vocab_size)
-            self._buffers_by_kind[key] = (torch.empty(rows, vocab_size, dtype=dtype, device=device),
-                                          torch.empty(rows, vocab_size, dtype=torch.float32, device=device))
-        return self._buffers_by_kind[key]
+            self._workspaces[key] = (torch.empty(rows, vocab_size, dtype=dtype, device=device),
+                                     torch.empty(rows, vocab_size, dtype=torch.float32, device=device))
+        return self._workspaces[key]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
