@@ -103,6 +103,72 @@ def test_gguf_without_rotary_permutation_fails_verification(models, tmp_path, mo
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_verify_uses_the_widest_dtype_that_fits_in_memory():
+    from lorakit.export.verify import PEAK_BYTES_PER_PARAM as PEAK
+    from lorakit.export.verify import compute_dtype
+
+    params = 3_000_000_000
+    assert compute_dtype(params, available=int(params * PEAK["float32"])) == "float32"
+    assert compute_dtype(params, available=20 * 10**9) == "bfloat16"  # a 3B model on a 24 GB machine
+    assert compute_dtype(params, available=int(params * PEAK["bfloat16"]) - 1) is None
+    assert compute_dtype(7_000_000_000, available=22 * 10**9) is None  # 7B: skipped, not killed
+
+
+def _memory_for_half_precision_only(monkeypatch, model_dir: Path) -> None:
+    import lorakit.export.verify as verify
+
+    params = verify.param_count(model_dir)
+    half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
+    monkeypatch.setattr(verify, "available_memory", lambda: half_only)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "pth"])
+def test_export_verifies_in_bf16_when_fp32_does_not_fit(models, tmp_path, monkeypatch, fmt):
+    src = models["gqa_untied"]
+    _memory_for_half_precision_only(monkeypatch, src)
+    result = export_model(str(src), fmt, tmp_path / "out", "f16")
+    assert result.verify.computed_in == "bfloat16" and 0 < result.verify.max_abs_diff <= result.verify.tolerance
+    assert "computed in bfloat16" in result.verify.summary()
+
+
+def test_bf16_verification_still_catches_a_wrong_layout(models, tmp_path, monkeypatch):
+    """Above bf16's own rounding, given a model whose attention matters (a random one attends almost
+    uniformly, whatever the q/k layout): q/k and lm_head scaled up to trained-model magnitudes."""
+    from safetensors.torch import load_file, save_file
+
+    import lorakit.export.gguf_writer as writer
+
+    sharp = tmp_path / "sharp"
+    shutil.copytree(models["gqa_untied"], sharp)
+    weights = load_file(sharp / "model.safetensors")
+    for name in weights:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] *= 8
+        elif name == "lm_head.weight":
+            weights[name] *= 30
+    save_file(weights, sharp / "model.safetensors", metadata={"format": "pt"})
+    _memory_for_half_precision_only(monkeypatch, sharp)
+    good = export_model(str(sharp), "gguf", tmp_path / "good.gguf", "f16")
+    assert good.verify.computed_in == "bfloat16" and good.verify.max_abs_logit > 5
+    monkeypatch.setattr(writer, "hf_to_meta_rows", lambda w, heads: w)
+    with pytest.raises(VerificationError, match="FAILED"):
+        export_model(str(sharp), "gguf", tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_export_too_large_to_verify_is_written_with_a_warning(models, tmp_path, monkeypatch, capsys, caplog):
+    import lorakit.export.verify as verify
+    from lorakit.cli import main
+
+    monkeypatch.setattr(verify, "available_memory", lambda: 1000)
+    out = tmp_path / "m.gguf"
+    with caplog.at_level("WARNING", logger="lorakit"), pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(models["gqa_untied"]), "--output", str(out), "--outtype", "f16"])
+    assert exit_info.value.code == 0
+    assert out.is_file() and "verify: skipped" in capsys.readouterr().out
+    assert "NOT verified" in caplog.text
+
+
 def _official_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """transformers' convert_llama_weights_to_hf.permute, written out independently of lorakit."""
     dim1, dim2 = w.shape

@@ -238,3 +238,16 @@ def test_lora_on_tied_embeddings_unties_like_the_trained_forward(bases, tmp_path
     reference = PeftModel.from_pretrained(_load(base), adapter).eval()
     assert (_logits(_load(tmp_path / "out")) - _logits(reference)).abs().max().item() <= 1e-4
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_merge_verifies_in_bf16_when_fp32_does_not_fit(bases, tmp_path, monkeypatch):
+    """A model whose fp32 copy does not fit (a 7B on 24 GB) is checked in bf16, not killed mid-check."""
+    import lorakit.export.verify as verify
+
+    base = bases["gqa_untied"]
+    params = verify.param_count(base)
+    half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
+    monkeypatch.setattr(verify, "available_memory", lambda: half_only)
+    adapter = make_adapter(base, tmp_path / "a", seed=4, target_modules=["q_proj", "v_proj"])
+    result = merge_model(str(base), [str(adapter)], tmp_path / "out", output_type="pth")
+    assert result.verify.computed_in == "bfloat16" and result.verify.max_abs_diff <= result.verify.tolerance

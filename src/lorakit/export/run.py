@@ -65,30 +65,31 @@ def _vocab_rows(src: Path) -> int:
     return SafetensorsFolder(src).shape("model.embed_tokens.weight")[0]
 
 
-def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult:
+def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult | None:
     """Logits of transformers' own GGUF loader on the written file vs the source HF model."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export.verify import compare, logits_of, probe_ids, reference_logits
+    from lorakit.export.verify import param_count, round_trip
     from lorakit.models import load_model
 
-    ids = probe_ids(_vocab_rows(src))
-    ref = reference_logits(lambda: load_model(src, "float32"), ids)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    got = logits_of(model, ids)
-    return compare(ref, got, outtype, f"GGUF {outtype}")
+    return round_trip(f"GGUF {outtype}", param_count(src), _vocab_rows(src), outtype,
+                      reference=lambda dtype: load_model(src, dtype),
+                      written=lambda dtype: AutoModelForCausalLM.from_pretrained(
+                          gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype)))
 
 
-def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult:
+def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
+    """Logits of lorakit's pth reader on the written folder vs the source HF model."""
+    import torch
+
     from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import compare, logits_of, probe_ids, reference_logits
+    from lorakit.export.verify import param_count, round_trip
     from lorakit.models import load_model
 
-    ids = probe_ids(_vocab_rows(src))
-    ref = reference_logits(lambda: load_model(src, "float32"), ids)
-    got = logits_of(load_pth_model(folder), ids)
-    weight = {"f32": "f32", "f16": "f16", "bf16": "bf16"}.get(outtype, "f32")
-    return compare(ref, got, weight, "pth")
+    return round_trip("pth", param_count(src), _vocab_rows(src), {"bf16": "bf16", "f16": "f16"}.get(outtype, "f32"),
+                      reference=lambda dtype: load_model(src, dtype),
+                      written=lambda dtype: load_pth_model(folder, getattr(torch, dtype)))
 
 
 def run_export(cfg: ExportConfig) -> int:
@@ -96,4 +97,6 @@ def run_export(cfg: ExportConfig) -> int:
     print(f"exported {cfg.model} -> {result.output} ({cfg.format}, {cfg.outtype}) in {result.seconds:.1f}s")
     if result.verify is not None:
         print(f"verify: {result.verify.summary()}")
+    elif cfg.verify:
+        print("verify: skipped, the model does not fit in memory (see the warning above)")
     return 0
