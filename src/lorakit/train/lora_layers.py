@@ -4,9 +4,11 @@ Two costs of PEFT's LoRA forward that dominate next to a small rank (measured on
 micro-batch of 702 tokens, LoRA on q_proj and v_proj, 60 dropout calls per micro-batch):
 
 - `nn.Dropout` draws one random float per element (`bernoulli_`): 2.2 ms per call, 6% of a
-  training step. `FastDropout` draws 64 random bits per 4 elements and keeps an element when its
-  16-bit lane is at or above p's quantile: the same independent Bernoulli mask up to p's 1/65536
-  rounding, 5-6x cheaper forward + backward.
+  training step. `FastDropout` draws where the dropped elements are instead: the gaps between them
+  in a sequence of independent Bernoulli(p) trials are geometric, so about p * n uniform draws
+  (turned into gaps by one vectorised log) place all of them. At p = 0.05 that is 20k draws for a
+  [702, 576] input instead of 404k; 0.35 ms per call against 1.0-1.4 ms for a mask of 16-bit lanes
+  (four per 64-bit draw) and 2.2 ms for `bernoulli_`. The backward pass needs only those positions.
 - Under bf16 autocast PEFT first casts the input to the fp32 LoRA weights' dtype (a full copy of
   the activations per adapted module) only for autocast to cast it back to bf16 for the matmul.
   `cast_input_dtype_enabled = False` (PEFT's own switch, see `peft.helpers.disable_input_dtype_casting`)
@@ -15,35 +17,66 @@ micro-batch of 702 tokens, LoRA on q_proj and v_proj, 60 dropout calls per micro
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-_LANES = 4  # 16-bit lanes per 64-bit random draw
-_LANE_VALUES = 1 << 16
-_FULL_RANGE = -(1 << 63)  # random_(_FULL_RANGE, None) draws all 64 bits (plain random_() leaves the top one 0)
+
+def dropped_positions(n: int, p: float, device: torch.device | None = None) -> torch.Tensor:
+    """Sorted int64 indices in [0, n) of the elements a Bernoulli(p) dropout drops, each independently.
+
+    Gap j between consecutive drops is geometric: P(j) = (1 - p)^(j - 1) p, drawn as
+    1 + floor(log(1 - U) / log(1 - p)) from uniform U (24-bit: gaps beyond 2^24 in probability are cut)."""
+    draws = int(n * p + 6 * math.sqrt(n * p) + 16)  # the gaps cover n but for ~1e-9 of calls
+    scale = 1.0 / math.log1p(-p)
+    positions = torch.empty(0, dtype=torch.int64, device=device)
+    last = -1
+    while last < n - 1:
+        gaps = torch.rand(draws, device=device).neg_().log1p_().mul_(scale).long().add_(1)
+        more = gaps.cumsum_(0).add_(last)
+        positions = torch.cat([positions, more]) if positions.numel() else more
+        last = int(more[-1])
+    return positions[: int(torch.searchsorted(positions, n))]
+
+
+class _ZeroAt(torch.autograd.Function):
+    """y = x * scale with the given flat positions zeroed; the gradient is the same operation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        out = (x * scale).contiguous()
+        out.view(-1).index_fill_(0, positions, 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        grad_x = (grad * ctx.scale).contiguous()
+        grad_x.view(-1).index_fill_(0, positions, 0)
+        return grad_x, None, None
 
 
 class FastDropout(nn.Module):
-    """Inverted dropout whose mask costs a quarter of a random draw per element."""
+    """Inverted dropout that draws the positions of the dropped elements, not one number per element."""
 
     def __init__(self, p: float):
         super().__init__()
-        self.threshold = round(p * _LANE_VALUES)
-        if not 0.0 <= p < 1.0 or self.threshold >= _LANE_VALUES:
+        if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = self.threshold / _LANE_VALUES  # the probability actually applied
+        self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0:
+        if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        draws = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64, device=x.device).random_(_FULL_RANGE, None)
-        lanes = draws.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        keep = lanes >= self.threshold - _LANE_VALUES // 2  # P(drop) = threshold / 65536
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0)
+        if x.device.type != "cpu":  # GPUs draw masks in parallel; positions would cost a sync per call
+            return nn.functional.dropout(x, self.p, training=True)
+        return _ZeroAt.apply(x, dropped_positions(x.numel(), self.p, x.device), 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
-        return f"p={self.p:.6f}"
+        return f"p={self.p}"
 
 
 def speed_up_lora(peft_model: nn.Module, precision: str) -> int:
