@@ -72,7 +72,7 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
             result = MergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
-                                             plan.tensors[0].dtype, plan.vocab_size, plan.config)
+                                             plan.tensors[0].dtype, plan.vocab_size)
     finally:
         plan.close()
     result.seconds = time.perf_counter() - start
@@ -80,19 +80,19 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
 
 
 def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type: str, st_dtype: str,
-                 vocab_size: int, config: dict):
+                 vocab_size: int):
     """Logits of the written model vs PEFT's in-memory sequential merge (one model in memory at a time)."""
     import torch
 
     from lorakit.export.pth import load_pth_model
     from lorakit.export.verify import merged_in_memory, param_count, round_trip
-    from lorakit.models import load_model, resolve_model_dir
+    from lorakit.models import load_model
 
     def written(dtype: str):
         return load_pth_model(folder, getattr(torch, dtype)) if output_type == "pth" else load_model(folder, dtype)
 
     weight_type = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
-    return round_trip(f"merged model ({output_type})", param_count(resolve_model_dir(base_model)), vocab_size,
+    return round_trip(f"merged model ({output_type})", param_count(base_model), vocab_size,
                       weight_type, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
                       written=written)
 

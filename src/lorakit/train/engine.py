@@ -5,8 +5,8 @@ resume), DDP/FSDP/DeepSpeed under torchrun/accelerate, evaluation and TensorBoar
 what alpaca-lora users had to get right by hand: the global batch split into micro-batches across
 processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under bf16, an output folder
 with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty. The
-CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, a loss without fp32 logits,
-RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and
+CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, the lm_head fused with the
+loss, RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and
 models/rmsnorm.py, each tested against the computation it replaces.
 """
 
@@ -209,7 +209,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
-    install_training_loss(model)  # the same loss without fp32 copies of the logits
+    install_training_loss(model)  # the same loss, fused with the lm_head: no [tokens x vocab] logits
     swap_rmsnorms(model)  # the same norms with a one-expression backward
     if cfg.padding_free and collator is None and use_packed_attention(model):
         log.info("padding-free batches: attention runs per example (%s)", PACKED_ATTENTION)

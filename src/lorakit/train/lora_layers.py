@@ -30,13 +30,12 @@ def dropped_positions(n: int, p: float, device: torch.device | None = None) -> t
     1 + floor(log(1 - U) / log(1 - p)) from uniform U (24-bit: gaps beyond 2^24 in probability are cut)."""
     draws = int(n * p + 6 * math.sqrt(n * p) + 16)  # the gaps cover n but for ~1e-9 of calls
     scale = 1.0 / math.log1p(-p)
-    positions = torch.empty(0, dtype=torch.int64, device=device)
-    last = -1
+    chunks, last = [], -1
     while last < n - 1:
         gaps = torch.rand(draws, device=device).neg_().log1p_().mul_(scale).long().add_(1)
-        more = gaps.cumsum_(0).add_(last)
-        positions = torch.cat([positions, more]) if positions.numel() else more
-        last = int(more[-1])
+        chunks.append(gaps.cumsum_(0).add_(last))
+        last = int(chunks[-1][-1])
+    positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     return positions[: int(torch.searchsorted(positions, n))]
 
 
