@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.export.run import export_model
 from lorakit.export.verify import VerificationError
+from lorakit.merge.safetensors_io import param_count
 from tiny_models import SHARED_DATA, make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
@@ -117,7 +118,7 @@ def test_verify_uses_the_widest_dtype_that_fits_in_memory():
 def _memory_for_half_precision_only(monkeypatch, model_dir: Path) -> None:
     import lorakit.export.verify as verify
 
-    params = verify.param_count(model_dir)
+    params = param_count(model_dir)
     half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
     monkeypatch.setattr(verify, "available_memory", lambda: half_only)
 

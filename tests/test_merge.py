@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lorakit.errors import MismatchError, ModelNotFoundError, OutputExistsError
 from lorakit.merge.run import merge_model
+from lorakit.merge.safetensors_io import param_count
 from tiny_models import make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000], [1, 300, 301, 302, 8000, 9, 10, 11]])
@@ -245,7 +246,7 @@ def test_merge_verifies_in_bf16_when_fp32_does_not_fit(bases, tmp_path, monkeypa
     import lorakit.export.verify as verify
 
     base = bases["gqa_untied"]
-    params = verify.param_count(base)
+    params = param_count(base)
     half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
     monkeypatch.setattr(verify, "available_memory", lambda: half_only)
     adapter = make_adapter(base, tmp_path / "a", seed=4, target_modules=["q_proj", "v_proj"])

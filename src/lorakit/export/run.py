@@ -70,7 +70,8 @@ def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult | None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export.verify import param_count, round_trip
+    from lorakit.export.verify import round_trip
+    from lorakit.merge.safetensors_io import param_count
     from lorakit.models import load_model
 
     return round_trip(f"GGUF {outtype}", param_count(src), _vocab_rows(src), outtype,
@@ -84,7 +85,8 @@ def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
     import torch
 
     from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import param_count, round_trip
+    from lorakit.export.verify import round_trip
+    from lorakit.merge.safetensors_io import param_count
     from lorakit.models import load_model
 
     return round_trip("pth", param_count(src), _vocab_rows(src), {"bf16": "bf16", "f16": "f16"}.get(outtype, "f32"),

@@ -14,10 +14,10 @@ import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorakit.errors import LorakitError
+from lorakit.machine import available_memory
 
 if TYPE_CHECKING:
     import torch
@@ -42,20 +42,6 @@ HALF_COMPUTE_TOLERANCE = RELATIVE_TOLERANCE["bfloat16"]
 PEAK_BYTES_PER_PARAM = {"float32": 7.5, "bfloat16": 5.8}
 
 
-def available_memory() -> int:
-    """Bytes the kernel can hand out without swapping (MemAvailable), or free physical memory."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def compute_dtype(n_params: int, available: int | None = None) -> str | None:
     """"float32" when a check in fp32 fits in memory, else "bfloat16" when one in bf16 does (a 3B model on a
     24 GB machine), else None: too large to verify here (a 7B model there)."""
@@ -64,16 +50,6 @@ def compute_dtype(n_params: int, available: int | None = None) -> str | None:
         if n_params * peak <= available:
             return dtype
     return None
-
-
-def param_count(folder: str | Path) -> int:
-    """Parameters of a safetensors model folder, from its headers."""
-    import math
-
-    from lorakit.merge.safetensors_io import SafetensorsFolder
-
-    st = SafetensorsFolder(folder)
-    return sum(math.prod(st.shape(name)) for name in st.names)
 
 
 def round_trip(what: str, n_params: int, vocab_size: int, weight_type: str,

@@ -85,7 +85,8 @@ def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type
     import torch
 
     from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import merged_in_memory, param_count, round_trip
+    from lorakit.export.verify import merged_in_memory, round_trip
+    from lorakit.merge.safetensors_io import param_count
     from lorakit.models import load_model
 
     def written(dtype: str):

@@ -358,3 +358,9 @@ def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]
     for name in folder.names:
         yield name, folder.get(name)
     folder.close()
+
+
+def param_count(folder: str | Path) -> int:
+    """Parameters of a safetensors model folder, from its headers (no tensor is read)."""
+    st = SafetensorsFolder(folder)
+    return sum(math.prod(st.shape(name)) for name in st.names)

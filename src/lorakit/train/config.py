@@ -50,8 +50,9 @@ class TrainOptions:
     eval_steps: int = opt(200, "evaluate every N steps (with a validation set)")
     save_total_limit: int = opt(3, "checkpoints kept")
     overwrite: bool = opt(False, "allow an --output-dir that already holds a finished adapter")
-    nproc: int = opt(1, "processes to train with (DDP): >1 re-launches this command through torchrun; "
-                        "under torchrun/accelerate launch leave it at 1")
+    nproc: str = opt("auto", "processes to train with (DDP): N, or auto: one per core when training on a CPU "
+                            "for more than about a minute and memory allows, else 1. >1 re-launches this "
+                            "command through torchrun (under torchrun or accelerate launch, leave it at auto)")
 
     def validate_train(self) -> None:
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
@@ -61,8 +62,8 @@ class TrainOptions:
                               f"{self.micro_batch_size}")
         if self.learning_rate <= 0:
             raise ConfigError("--learning-rate must be positive")
-        if self.nproc < 1:
-            raise ConfigError("--nproc must be >= 1")
+        if self.nproc != "auto" and not (str(self.nproc).isdigit() and int(self.nproc) >= 1):
+            raise ConfigError(f"--nproc must be auto or a number >= 1, got {self.nproc!r}")
 
 
 @dataclass

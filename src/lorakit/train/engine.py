@@ -12,6 +12,7 @@ models/rmsnorm.py, each tested against the computation it replaces.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import get_last_checkpoint
 
 from lorakit.config import save_yaml
+from lorakit.data.balance import BalancedOrder
 from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.models.rmsnorm import swap_rmsnorms
-from lorakit.train.callbacks import JsonlLogCallback, LossPlotCallback
+from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
@@ -42,6 +44,7 @@ from lorakit.train.precision import resolve_precision
 
 log = logging.getLogger("lorakit")
 ADAPTER_FILE = "adapter_model.safetensors"
+SUMMARY_FILE = "train_summary.json"
 
 
 @dataclass
@@ -58,12 +61,35 @@ class TrainSummary:
     trainable_params: int
     extra: dict[str, Any] = field(default_factory=dict)
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated of this process, when on CUDA
+    processes: int = 1
+    peak_rss_mb_all: float = 0.0  # sum of the processes' peaks (what the machine had to hold)
+    cpu_seconds: float = 0.0  # CPU time of all processes while training
+
+    def describe(self) -> str:
+        """The one-line result printed by `finetune` and `pretrain`."""
+        eval_part = f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+        memory = (f"peak RSS {self.peak_rss_mb:.0f} MB" if self.processes == 1 else
+                  f"{self.processes} processes, peak RSS {self.peak_rss_mb_all:.0f} MB in all")
+        gpu = "" if self.peak_gpu_mb is None else f", peak GPU {self.peak_gpu_mb:.0f} MB"
+        return (f"done: {self.global_step} steps, train loss {self.train_loss:.4f}{eval_part}, "
+                f"{self.tokens_per_second:.0f} tokens/s, {memory}{gpu}, precision {self.precision}")
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (in DDP: of this rank) since it started, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def across_processes(value: float) -> list[float]:
+    """`value` of every process (all must call this), or [value] outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def world_size() -> int:
@@ -159,6 +185,31 @@ def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, 
     tmp.rmdir()
 
 
+class _BalancedTrainer(Trainer):
+    """HF Trainer taking its training order from `BalancedOrder`: the same random global batches, split so
+    that every process has the same number of tokens to compute (padding-free micro-batches)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return BalancedOrder([len(f["input_ids"]) for f in dataset], self.args.per_device_train_batch_size,
+                             self.args.gradient_accumulation_steps, self.args.world_size, seed)
+
+
+def _ddp_skip_frozen(model: torch.nn.Module) -> None:
+    """Leave frozen weights and buffers out of DDP's synchronisation.
+
+    Every process loaded the same base weights, and the buffers (rotary frequencies) are constants, yet
+    DDP broadcasts all of them from rank 0 when it wraps the model (270 MB for SmolLM2-135M in bf16) and
+    the buffers again before every forward, which makes each micro-batch wait for the slowest process.
+    Only the trainable (LoRA) parameters need their gradients averaged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, frozen + [name for name, _ in model.named_buffers()])
+
+
 def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
     accumulation = gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size())
     return TrainingArguments(
@@ -219,6 +270,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so optimizer state) stay fp32
     speed_up_lora(peft_model, precision)
+    if world_size() > 1:
+        _ddp_skip_frozen(peft_model)
     if start_adapter:
         _load_adapter_weights(peft_model, start_adapter)
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -226,16 +279,18 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              f"{total:,}", 100 * trainable / total, precision, world_size())
 
     args = _training_args(cfg, out, precision, has_eval=bool(eval_data))
-    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LossPlotCallback(out / "loss.png")]
-    trainer = Trainer(model=peft_model, args=args, train_dataset=list(train_data),
+    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LossPlotCallback(out / "loss.png"),
+                 LogFinalStepCallback()]
+    balanced = cfg.padding_free and collator is None and not cfg.group_by_length
+    trainer = (_BalancedTrainer if balanced else Trainer)(model=peft_model, args=args, train_dataset=list(train_data),
                       eval_dataset=list(eval_data) if eval_data else None,
                       data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
                       processing_class=tokenizer, callbacks=callbacks)
     if is_main_process() and not checkpoint:
         (out / "train_log.jsonl").unlink(missing_ok=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     # Trainer already evaluates at the last step (eval_strategy "steps"); evaluate again only if not.
     final_evals = [h["eval_loss"] for h in trainer.state.log_history
                    if "eval_loss" in h and h.get("step") == trainer.state.global_step]
@@ -256,10 +311,16 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, cfg, out, state_dict)  # loss.png: drawn by LossPlotCallback
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    peak_rss = peak_rss_mb()
+    peak_rss, peak_rss_all = peak_rss_mb(), across_processes(peak_rss_mb())
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
+    summary = TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
                         train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
                         tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
                         peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable,
-                        peak_gpu_mb=peak_gpu)
+                        peak_gpu_mb=peak_gpu, processes=world_size(), peak_rss_mb_all=sum(peak_rss_all),
+                        cpu_seconds=sum(across_processes(cpu_seconds)))
+    if is_main_process():  # for scripts and benchmarks: the printed summary, as numbers
+        tmp = out / ".train_summary.json.tmp"
+        tmp.write_text(json.dumps(asdict(summary), indent=1), encoding="utf-8")
+        os.replace(tmp, out / SUMMARY_FILE)
+    return summary

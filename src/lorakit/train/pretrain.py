@@ -120,12 +120,14 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
+    from lorakit.train.launch import relaunch_if_needed
+
+    code = relaunch_if_needed(cfg, "pretrain")  # several processes: this command again under torchrun
+    if code is not None:
+        return code
     summary = pretrain(cfg)
     if is_main_process():
-        eval_part = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
-        print(f"done: {summary.global_step} steps, train loss {summary.train_loss:.4f}{eval_part}, "
-              f"{summary.tokens_per_second:.0f} tokens/s, peak RSS {summary.peak_rss_mb:.0f} MB, "
-              f"precision {summary.precision}")
+        print(summary.describe())
         print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
         print(f"merge it: lorakit merge --base-model {cfg.base_model} --lora-weights {summary.output_dir} ...")
     return 0

@@ -1,0 +1,108 @@
+"""BalancedOrder: the same random global batches as a seeded shuffle, split so processes get equal work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorakit.data.balance import BalancedOrder, example_cost, split_evenly
+
+
+@pytest.fixture(scope="module")
+def lengths(shared_data) -> list[int]:
+    """Rough token lengths (characters / 4) of the shared English alpaca examples: 18-256 tokens."""
+    records = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:320]
+    return [min(256, max(8, len(r["instruction"] + r["input"] + r["output"]) // 4)) for r in records]
+
+
+def _micro_batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def _process_work(order, lengths, micro, accumulation, world) -> list[list[float]]:
+    """Per global batch: the work of each process, dealing micro-batches round-robin as accelerate does."""
+    per_batch = []
+    global_batch = micro * accumulation * world
+    for start in range(0, len(order) - global_batch + 1, global_batch):
+        mbs = _micro_batches(order[start: start + global_batch], micro)
+        per_batch.append([sum(example_cost(lengths[i]) for j, mb in enumerate(mbs) if j % world == rank for i in mb)
+                          for rank in range(world)])
+    return per_batch
+
+
+@pytest.mark.parametrize("micro,accumulation,world", [(4, 2, 2), (4, 1, 2), (2, 2, 3), (4, 4, 1)])
+def test_global_batches_are_those_of_the_seeded_shuffle(lengths, micro, accumulation, world):
+    sampler = BalancedOrder(lengths, micro, accumulation, world, seed=7)
+    order = list(sampler)
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(7)).tolist()
+    assert sorted(order) == list(range(len(lengths))) and len(sampler) == len(lengths)
+    global_batch = micro * accumulation * world
+    for start in range(0, len(order), global_batch):  # each optimizer step trains on the same examples
+        assert sorted(order[start: start + global_batch]) == sorted(shuffled[start: start + global_batch])
+    tail = len(order) % global_batch
+    if tail:  # a partial last batch stays as drawn
+        assert order[-tail:] == shuffled[-tail:]
+
+
+def test_processes_get_equal_work_where_a_random_split_does_not(lengths):
+    micro, accumulation, world = 4, 2, 2
+    balanced = _process_work(list(BalancedOrder(lengths, micro, accumulation, world, seed=42)), lengths,
+                             micro, accumulation, world)
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(42)).tolist()
+    random_split = _process_work(shuffled, lengths, micro, accumulation, world)
+
+    def idle(work):  # share of the step the lighter process waits, averaged over steps
+        return sum(1 - min(w) / max(w) for w in work) / len(work)
+
+    assert idle(random_split) > 0.08  # the data is uneven enough for this to matter
+    assert idle(balanced) < 0.02
+    assert max(1 - min(w) / max(w) for w in balanced) < 0.06
+
+
+def test_new_order_each_epoch_and_repeatable(lengths):
+    sampler = BalancedOrder(lengths, 4, 2, 2, seed=3)
+    first = list(sampler)
+    assert list(sampler) == first  # resume replays the same epoch
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == sorted(first)
+    assert list(BalancedOrder(lengths, 4, 2, 2, seed=4)) != first
+
+
+def test_split_evenly_fills_every_group_exactly():
+    costs = {i: float(c) for i, c in enumerate([100, 90, 10, 10, 10, 10, 5, 5])}
+    groups = split_evenly(list(costs), costs, parts=2, size=4)
+    assert sorted(len(g) for g in groups) == [4, 4]
+    assert sorted(i for g in groups for i in g) == list(costs)
+    assert sorted(sum(costs[i] for i in g) for g in groups) == [115.0, 125.0]  # the best split with 4 each
+    assert not any({0, 1} <= set(g) for g in groups)  # the two heaviest never share a group
+
+
+def test_trainer_uses_the_balanced_order_for_padding_free_batches(tiny_model_dir, tiny_alpaca_json, tmp_path):
+    """The engine's Trainer draws from BalancedOrder; with --group-by-length it keeps HF's sampler."""
+    from transformers import Trainer
+
+    from lorakit.config import build_config
+    from lorakit.train.config import FinetuneConfig
+    from lorakit.train.finetune import finetune
+
+    samplers = []
+    real = Trainer.get_train_dataloader
+
+    def spy(self):
+        loader = real(self)
+        samplers.append(type(self._get_train_sampler()).__name__)
+        return loader
+
+    Trainer.get_train_dataloader = spy
+    try:
+        for group in (False, True):
+            finetune(build_config(FinetuneConfig, dict(
+                base_model=str(tiny_model_dir), data_path=str(tiny_alpaca_json), output_dir=str(tmp_path / str(group)),
+                batch_size=8, micro_batch_size=4, max_steps=1, val_set_size=0, group_by_length=group,
+                precision="fp32")))
+    finally:
+        Trainer.get_train_dataloader = real
+    assert samplers == ["BalancedOrder", "LengthGroupedSampler"]
