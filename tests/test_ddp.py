@@ -58,6 +58,8 @@ def test_two_processes_match_one(tiny_model_dir, data12, tmp_path):
     # Both ranks trained in a 2-process group; only rank 0 printed the summary and wrote outputs.
     assert proc.stdout.count("done: 2 steps") == 1, proc.stdout
     assert (two / "adapter_model.safetensors").is_file() and (two / "loss.png").is_file()
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["peak_rss_mb_all"] > 1.5 * summary["peak_rss_mb"]
 
     log_one, log_two = _log(one), _log(two)
     train_one = [(r["step"], r["loss"]) for r in log_one if "loss" in r]
@@ -78,6 +80,29 @@ def test_two_processes_match_one(tiny_model_dir, data12, tmp_path):
         if "lora_B" in k:
             moved = max(moved, float(w_one[k].abs().max()))
     assert moved > 1e-3  # two Adam steps at lr 1e-2 moved B away from zero: the match is not trivial
+
+
+def test_ddp_synchronises_only_the_trainable_weights(tiny_model_dir):
+    """Frozen weights and buffers are left out of DDP's broadcasts; LoRA weights keep their all-reduce."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lorakit.models import load_model
+    from lorakit.train.config import LoraOptions
+    from lorakit.train.engine import _ddp_skip_frozen, lora_config
+
+    model = get_peft_model(load_model(tiny_model_dir, torch.float32), lora_config(LoraOptions()))
+    _ddp_skip_frozen(model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        synced = {n for n, _ in model.named_parameters() if n not in ddp.parameters_to_ignore}
+        assert synced == {n for n, p in model.named_parameters() if p.requires_grad}
+        assert any("lora_A" in n for n in synced) and not any("embed_tokens" in n for n in synced)
+        assert {n for n, _ in model.named_buffers()} <= ddp.parameters_to_ignore
+    finally:
+        dist.destroy_process_group()
 
 
 def test_torchrun_command_and_worker_threads():
