@@ -21,15 +21,16 @@ def _micro_batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i: i + size] for i in range(0, len(order), size)]
 
 
-def _process_work(order, lengths, micro, accumulation, world) -> list[list[float]]:
-    """Per global batch: the work of each process, dealing micro-batches round-robin as accelerate does."""
-    per_batch = []
+def _work(order, lengths, micro, accumulation, world) -> list[list[list[float]]]:
+    """Per global batch, per accumulation slot: the work of each process's micro-batch, dealing micro-batches
+    round-robin as accelerate does."""
+    steps = []
     global_batch = micro * accumulation * world
     for start in range(0, len(order) - global_batch + 1, global_batch):
         mbs = _micro_batches(order[start: start + global_batch], micro)
-        per_batch.append([sum(example_cost(lengths[i]) for j, mb in enumerate(mbs) if j % world == rank for i in mb)
-                          for rank in range(world)])
-    return per_batch
+        costs = [sum(example_cost(lengths[i]) for i in mb) for mb in mbs]
+        steps.append([costs[slot * world: (slot + 1) * world] for slot in range(accumulation)])
+    return steps
 
 
 @pytest.mark.parametrize("micro,accumulation,world", [(4, 2, 2), (4, 1, 2), (2, 2, 3), (4, 4, 1)])
@@ -48,17 +49,21 @@ def test_global_batches_are_those_of_the_seeded_shuffle(lengths, micro, accumula
 
 def test_processes_get_equal_work_where_a_random_split_does_not(lengths):
     micro, accumulation, world = 4, 2, 2
-    balanced = _process_work(list(BalancedOrder(lengths, micro, accumulation, world, seed=42)), lengths,
-                             micro, accumulation, world)
+    balanced = _work(list(BalancedOrder(lengths, micro, accumulation, world, seed=42)), lengths,
+                     micro, accumulation, world)
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(42)).tolist()
-    random_split = _process_work(shuffled, lengths, micro, accumulation, world)
+    random_split = _work(shuffled, lengths, micro, accumulation, world)
 
-    def idle(work):  # share of the step the lighter process waits, averaged over steps
-        return sum(1 - min(w) / max(w) for w in work) / len(work)
+    def idle_per_micro_batch(steps):  # processes wait for each other after every micro-batch
+        slots = [work for step in steps for work in step]
+        return sum(1 - min(w) / max(w) for w in slots) / len(slots)
 
-    assert idle(random_split) > 0.08  # the data is uneven enough for this to matter
-    assert idle(balanced) < 0.02
-    assert max(1 - min(w) / max(w) for w in balanced) < 0.06
+    def idle_per_step(steps):  # ... and at every optimizer step
+        totals = [[sum(col) for col in zip(*step, strict=True)] for step in steps]
+        return sum(1 - min(t) / max(t) for t in totals) / len(totals)
+
+    assert idle_per_micro_batch(random_split) > 0.15 and idle_per_step(random_split) > 0.08
+    assert idle_per_micro_batch(balanced) < 0.03 and idle_per_step(balanced) < 0.02
 
 
 def test_new_order_each_epoch_and_repeatable(lengths):

@@ -1,4 +1,4 @@
-"""The loss plot: drawn at checkpoints and at the end, not twice in a row for the same points."""
+"""The loss plot: drawn at checkpoints and after training, not twice in a row for the same points."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ def test_loss_plot_is_redrawn_only_when_its_points_change(tmp_path, monkeypatch)
     cb = callbacks.LossPlotCallback(tmp_path / "loss.png")
     cb.on_save(None, state, None)
     state.log_history.append({"step": 2, "train_runtime": 3.0})  # the end-of-training summary: no new point
-    cb.on_train_end(None, state, None)
+    cb.draw(state)
     assert drawn == [1] and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     state.log_history.append({"step": 2, "eval_loss": 1.5})  # a new point: drawn again
-    cb.on_train_end(None, state, None)
+    cb.draw(state)
     (tmp_path / "loss.png").unlink()  # a missing plot is always redrawn
-    cb.on_train_end(None, state, None)
+    cb.draw(state)
     assert drawn == [1, 3, 3] and (tmp_path / "loss.png").exists()

@@ -1,17 +1,19 @@
 """Training order for data-parallel padding-free batches: random global batches, evenly split.
 
-Each optimizer step, the processes of a DDP run wait for each other at the gradient all-reduce, so a
-step lasts as long as the process with the most work. With padding-free rows a micro-batch's work is
-its tokens (plus attention's quadratic term), and a random split of alpaca-style data is uneven:
-on the shared English examples (lengths 180 +- 76 tokens, global batch 16, 2 processes) one process
-got 8-35% more tokens than the other in a step, and the other sat idle for that long.
+The processes of a DDP run wait for each other at every micro-batch (HF Trainer gathers the token
+count of each one) and at every optimizer step (the gradient all-reduce), so each micro-batch lasts as
+long as the heaviest one among the processes. With padding-free rows a micro-batch's work is its
+tokens (plus attention's quadratic term), and a random split of alpaca-style data is uneven: on the
+shared English examples (180 +- 76 tokens, global batch 16, 2 processes) one process got 3-31% more
+tokens than the other in a step, while the other sat idle.
 
 `BalancedOrder` draws the same kind of order as a random sampler (a seeded permutation per epoch,
-cut into global batches) and only rearranges the examples inside each global batch: the heaviest
-first, each to the process, then to the micro-batch, with the least work so far. The examples of
-every optimizer step are unchanged, and so is the loss (averaged over the step's tokens), whichever
-micro-batch holds an example. accelerate deals micro-batches round-robin (micro-batch j of the
-order goes to process j % world_size), which is the layout `__iter__` produces.
+cut into global batches) and only rearranges the examples inside each global batch: into micro-batches
+of equal work (heaviest example first, each to the lightest micro-batch with room), micro-batches of
+similar work side by side in the same accumulation slot. The examples of every optimizer step are
+unchanged, and so is the loss (averaged over the step's tokens), whichever micro-batch holds an
+example. accelerate deals micro-batches round-robin (micro-batch j of the order goes to process
+j % world_size), which is the layout `__iter__` produces.
 """
 
 from __future__ import annotations
@@ -73,7 +75,12 @@ class BalancedOrder(Sampler[int]):
     def arrange(self, batch: list[int]) -> list[int]:
         """One global batch -> the same indices, micro-batch after micro-batch in accelerate's dealing order."""
         costs = {i: example_cost(self.lengths[i]) for i in batch}
-        per_process = split_evenly(batch, costs, self.world_size, self.micro_batch_size * self.accumulation)
-        micro = [split_evenly(items, costs, self.accumulation, self.micro_batch_size) for items in per_process]
-        # micro-batch k of process r is micro-batch k * world_size + r of the order
-        return [i for k in range(self.accumulation) for rank in range(self.world_size) for i in micro[rank][k]]
+        micro = split_evenly(batch, costs, self.accumulation * self.world_size, self.micro_batch_size)
+        micro.sort(key=lambda group: sum(costs[i] for i in group), reverse=True)
+        order: list[int] = []
+        for slot in range(self.accumulation):  # micro-batch `slot` of every process: the next world_size groups
+            groups = micro[slot * self.world_size: (slot + 1) * self.world_size]
+            if slot % 2:  # snake order: the heavier group of a slot goes to alternating processes
+                groups.reverse()
+            order += [i for group in groups for i in group]
+        return order

@@ -279,8 +279,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              f"{total:,}", 100 * trainable / total, precision, world_size())
 
     args = _training_args(cfg, out, precision, has_eval=bool(eval_data))
-    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LossPlotCallback(out / "loss.png"),
-                 LogFinalStepCallback()]
+    plot = LossPlotCallback(out / "loss.png")
+    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), plot, LogFinalStepCallback()]
     balanced = cfg.padding_free and collator is None and not cfg.group_by_length
     trainer = (_BalancedTrainer if balanced else Trainer)(model=peft_model, args=args, train_dataset=list(train_data),
                       eval_dataset=list(eval_data) if eval_data else None,
@@ -297,6 +297,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if eval_data and not final_evals:
         final_evals = [trainer.evaluate()["eval_loss"]]
     eval_loss = final_evals[-1] if final_evals else None
+    plot.draw(trainer.state)  # rank 0; a diverged run gets its curve too
     if not math.isfinite(result.training_loss):  # checkpoints stay; no finished-looking adapter is written
         raise LorakitError(f"training diverged (loss {result.training_loss}); lower --learning-rate")
 
@@ -309,7 +310,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            f"zero3_save_16bit_model: true in the accelerate config. The checkpoints in "
                            f"{out} hold the training state.") from e
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, cfg, out, state_dict)  # loss.png: drawn by LossPlotCallback
+        _save_final(trainer, tokenizer, cfg, out, state_dict)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     peak_rss, peak_rss_all = peak_rss_mb(), across_processes(peak_rss_mb())
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
