@@ -81,3 +81,30 @@ def test_inside_a_launcher_auto_never_relaunches(tmp_path, monkeypatch):
     assert relaunch_if_needed(_cfg(tmp_path, 10_000_000), "finetune") is None
     with pytest.raises(ConfigError, match="inside a launcher"):
         relaunch_if_needed(_cfg(tmp_path, 10, nproc=3), "finetune")
+
+
+def test_train_as_configured_returns_the_summary_of_either_path(tmp_path, monkeypatch):
+    import json
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from lorakit.errors import LorakitError
+    from lorakit.train import launch
+    from lorakit.train.engine import SUMMARY_FILE, TrainSummary
+
+    written = TrainSummary(output_dir=str(tmp_path), global_step=3, train_loss=1.5, eval_loss=None, train_seconds=2.0,
+                           tokens_seen=100, tokens_per_second=50.0, peak_rss_mb=900.0, precision="bf16",
+                           trainable_params=10, processes=2, peak_rss_mb_all=1800.0, cpu_seconds=3.9)
+    (tmp_path / SUMMARY_FILE).write_text(json.dumps(asdict(written)))
+    cfg = SimpleNamespace(output_dir=str(tmp_path))
+
+    def not_here(cfg):
+        raise AssertionError("trained in this process although the launcher ran")
+
+    monkeypatch.setattr(launch, "relaunch_if_needed", lambda cfg, verb: 0)  # torchrun ran and succeeded
+    assert launch.train_as_configured(cfg, "finetune", not_here) == written
+    monkeypatch.setattr(launch, "relaunch_if_needed", lambda cfg, verb: 1)
+    with pytest.raises(LorakitError, match="exit code 1"):
+        launch.train_as_configured(cfg, "finetune", not_here)
+    monkeypatch.setattr(launch, "relaunch_if_needed", lambda cfg, verb: None)  # one process: here
+    assert launch.train_as_configured(cfg, "finetune", lambda cfg: "trained here") == "trained here"

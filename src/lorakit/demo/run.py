@@ -15,6 +15,7 @@ from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
 from lorakit.train.evaluate import greedy_responses
 from lorakit.train.finetune import finetune
+from lorakit.train.launch import train_as_configured
 
 log = logging.getLogger("lorakit")
 
@@ -61,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> int:
         seed=cfg.seed, overwrite=True)
     print(f"fine-tuning LoRA (r={cfg.lora_r}, all linear layers, {cfg.max_steps} steps of {cfg.batch_size}) ...",
           flush=True)
-    summary = finetune(train_cfg)
+    summary = train_as_configured(train_cfg, "finetune", finetune)  # --nproc auto: one process per core on a CPU
 
     print("measuring the fine-tuned model on the same held-out dates ...", flush=True)
     after_exact, after_contains, after_resp = _accuracy(cfg.base_model, [str(adapter_dir)], test_file)

@@ -7,7 +7,9 @@ processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under 
 with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty. The
 CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, the lm_head fused with the
 loss, RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and
-models/rmsnorm.py, each tested against the computation it replaces.
+models/rmsnorm.py, each tested against the computation it replaces. Under DDP (`--nproc`, on a CPU
+machine by default: see launch.py) micro-batches of equal work (data/balance.py) and a DDP that
+synchronises only the trainable weights keep the processes from waiting for each other.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process (in DDP: of this rank) since it started, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def read_summary(output_dir: str | os.PathLike[str]) -> TrainSummary:
+    """The TrainSummary a finished run wrote to its output folder."""
+    return TrainSummary(**json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8")))
 
 
 def across_processes(value: float) -> list[float]:
@@ -186,8 +193,8 @@ def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, 
 
 
 class _BalancedTrainer(Trainer):
-    """HF Trainer taking its training order from `BalancedOrder`: the same random global batches, split so
-    that every process has the same number of tokens to compute (padding-free micro-batches)."""
+    """HF Trainer taking its training order from `BalancedOrder`: the same random global batches, split into
+    micro-batches of equal work, so that under DDP no process waits long for another."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -282,10 +289,11 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     plot = LossPlotCallback(out / "loss.png")
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), plot, LogFinalStepCallback()]
     balanced = cfg.padding_free and collator is None and not cfg.group_by_length
-    trainer = (_BalancedTrainer if balanced else Trainer)(model=peft_model, args=args, train_dataset=list(train_data),
-                      eval_dataset=list(eval_data) if eval_data else None,
-                      data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
-                      processing_class=tokenizer, callbacks=callbacks)
+    trainer_class = _BalancedTrainer if balanced else Trainer
+    trainer = trainer_class(model=peft_model, args=args, train_dataset=list(train_data),
+                            eval_dataset=list(eval_data) if eval_data else None,
+                            data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
+                            processing_class=tokenizer, callbacks=callbacks)
     if is_main_process() and not checkpoint:
         (out / "train_log.jsonl").unlink(missing_ok=True)
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -24,12 +24,16 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.config import save_yaml
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.machine import available_memory, usable_cores
+
+if TYPE_CHECKING:
+    from lorakit.train.engine import TrainSummary
 
 log = logging.getLogger("lorakit")
 
@@ -143,3 +147,16 @@ def relaunch_if_needed(cfg: Any, verb: str) -> int | None:
         command = torchrun_command(verb, config_file, nproc)
         log.info("launching %d processes: %s", nproc, " ".join(command))
         return subprocess.run(command, env=worker_env(nproc), check=False).returncode
+
+
+def train_as_configured(cfg: Any, verb: str, train_here: Callable[[Any], TrainSummary]) -> TrainSummary:
+    """Train with as many processes as cfg.nproc says and return the summary: `train_here(cfg)` in this
+    process, or `lorakit <verb>` under torchrun, whose rank 0 wrote the summary to the output folder."""
+    code = relaunch_if_needed(cfg, verb)
+    if code is None:
+        return train_here(cfg)
+    if code:
+        raise LorakitError(f"lorakit {verb} failed in one of its processes (exit code {code}); see above")
+    from lorakit.train.engine import read_summary
+
+    return read_summary(cfg.output_dir)
