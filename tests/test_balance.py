@@ -111,3 +111,23 @@ def test_trainer_uses_the_balanced_order_for_padding_free_batches(tiny_model_dir
     finally:
         Trainer.get_train_dataloader = real
     assert samplers == ["BalancedOrder", "LengthGroupedSampler"]
+
+
+def test_a_resumed_multi_process_run_gets_the_epoch_it_resumes_in(lengths):
+    """Resuming mid-epoch wraps accelerate's per-process batch sampler once more to skip the batches already
+    trained; set_epoch must still reach BalancedOrder there, or epoch 0's order would be replayed."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader
+
+    from lorakit.train.engine import expose_sampler
+
+    sampler = BalancedOrder(lengths, 4, 2, 2, seed=5)
+    loader = expose_sampler(prepare_data_loader(DataLoader(list(range(len(lengths))), batch_size=4, sampler=sampler),
+                                                num_processes=2, process_index=1, put_on_device=False))
+    skipped = skip_first_batches(loader, 3)
+    skipped.set_epoch(3)
+    assert sampler.epoch == 3
+    order = BalancedOrder(lengths, 4, 2, 2, seed=5)
+    order.set_epoch(3)
+    expected = _micro_batches(list(order), 4)[1::2][3:]  # process 1's micro-batches of epoch 3, after 3 skipped
+    assert [batch.tolist() for batch in skipped] == expected

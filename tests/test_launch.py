@@ -36,7 +36,8 @@ def test_long_cpu_job_gets_a_process_per_core(tmp_path):
 
 
 @pytest.mark.parametrize("case,expected_reason", [
-    ("short", "short job"), ("gpu", "GPU"), ("one_core", "one core"), ("memory", "fits"), ("split", "divides")])
+    ("short", "short job"), ("gpu", "GPU"), ("one_core", "one core"), ("memory", "would not fit"),
+    ("split", "does not split")])
 def test_auto_stays_at_one_process(tmp_path, case, expected_reason):
     cfg = _cfg(tmp_path, 200_000, **({"batch_size": 12} if case == "split" else {}))
     args = dict(n_params=SMOLLM2, weight_bytes=2, cores=2, available=20 * GB, has_gpu=False)
@@ -60,6 +61,18 @@ def test_memory_and_split_pick_the_largest_count_that_works(tmp_path):
     per_process = one_gb_model * 2 + PROCESS_OVERHEAD_BYTES
     room_for_two = int(2.5 * per_process / 0.8)
     assert auto_nproc(cfg, one_gb_model, 2, cores=4, available=room_for_two, has_gpu=False)[0] == 2
+    # fully trained embeddings (pretrain): fp32 weight, gradient and two AdamW moments per process
+    embeddings = 2 * 32_000 * 2048
+    assert auto_nproc(cfg, one_gb_model, 2, cores=4, available=room_for_two, has_gpu=False,
+                      full_params=embeddings)[0] == 1
+
+
+def test_cores_are_physical_and_within_the_affinity_mask():
+    import os
+
+    from lorakit.machine import usable_cores
+
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_max_steps_bounds_the_work(tmp_path):

@@ -84,4 +84,5 @@ class LossPlotCallback(TrainerCallback):
             self._drawn = points
 
     def on_save(self, args, state, control, **kwargs):
-        self.draw(state)
+        if state.global_step < state.max_steps:  # the last step's checkpoint: the engine draws after training
+            self.draw(state)

@@ -202,6 +202,23 @@ class _BalancedTrainer(Trainer):
         return BalancedOrder([len(f["input_ids"]) for f in dataset], self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.world_size, seed)
 
+    def get_train_dataloader(self):
+        return expose_sampler(super().get_train_dataloader())
+
+
+def expose_sampler(loader):
+    """Let `set_epoch` reach a BalancedOrder inside accelerate's per-process batch sampler.
+
+    accelerate looks for the sampler at `loader.batch_sampler.sampler` or, once a resumed run has wrapped
+    the loader to skip the batches already trained, at `loader.batch_sampler.batch_sampler.sampler`; its
+    BatchSamplerShard carries `.sampler` only for the random sampler it installs itself. Without it, a
+    multi-process run resumed in epoch >= 1 would replay epoch 0's order."""
+    shard = getattr(loader, "batch_sampler", None)
+    inner = getattr(getattr(shard, "batch_sampler", None), "sampler", None)
+    if isinstance(inner, BalancedOrder):
+        shard.sampler = inner
+    return loader
+
 
 def _ddp_skip_frozen(model: torch.nn.Module) -> None:
     """Leave frozen weights and buffers out of DDP's synchronisation.
@@ -299,6 +316,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     start, cpu_start = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    # every process takes part here, before anything only rank 0 does (and could fail in)
+    cpu_seconds_all, peak_rss_all = sum(across_processes(cpu_seconds)), sum(across_processes(peak_rss_mb()))
     # Trainer already evaluates at the last step (eval_strategy "steps"); evaluate again only if not.
     final_evals = [h["eval_loss"] for h in trainer.state.log_history
                    if "eval_loss" in h and h.get("step") == trainer.state.global_step]
@@ -320,14 +339,14 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, cfg, out, state_dict)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    peak_rss, peak_rss_all = peak_rss_mb(), across_processes(peak_rss_mb())
+    peak_rss = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     summary = TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
                         train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
                         tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
                         peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable,
-                        peak_gpu_mb=peak_gpu, processes=world_size(), peak_rss_mb_all=sum(peak_rss_all),
-                        cpu_seconds=sum(across_processes(cpu_seconds)))
+                        peak_gpu_mb=peak_gpu, processes=world_size(), peak_rss_mb_all=max(peak_rss_all, peak_rss),
+                        cpu_seconds=cpu_seconds_all)
     if is_main_process():  # for scripts and benchmarks: the printed summary, as numbers
         tmp = out / ".train_summary.json.tmp"
         tmp.write_text(json.dumps(asdict(summary), indent=1), encoding="utf-8")

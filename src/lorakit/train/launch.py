@@ -82,9 +82,12 @@ def training_work(cfg: Any, n_params: int) -> float:
     return 6.0 * n_params * tokens
 
 
-def auto_nproc(cfg: Any, n_params: int, weight_bytes: int, cores: int, available: int,
-               has_gpu: bool) -> tuple[int, str]:
-    """(processes, why) for --nproc auto: the most processes, up to one per core, that fit and pay off."""
+def auto_nproc(cfg: Any, n_params: int, weight_bytes: int, cores: int, available: int, has_gpu: bool,
+               full_params: int = 0) -> tuple[int, str]:
+    """(processes, why) for --nproc auto: the most processes, up to one per core, that fit and pay off.
+
+    `full_params`: parameters trained fully (--modules-to-save), each with an fp32 copy, gradient and two
+    AdamW moments (16 bytes) in every process."""
     if has_gpu:
         return 1, "a GPU is present (several GPUs: --nproc N or torchrun)"
     if cores < 2:
@@ -92,16 +95,26 @@ def auto_nproc(cfg: Any, n_params: int, weight_bytes: int, cores: int, available
     work = training_work(cfg, n_params)
     if work < MIN_AUTO_WORK_FLOP:
         return 1, f"a short job (~{work / 1e12:.1f} TFLOP): a second process would not pay for its start-up"
-    per_process = n_params * weight_bytes + PROCESS_OVERHEAD_BYTES
-    for n in range(cores, 1, -1):
-        if cfg.batch_size % (cfg.micro_batch_size * n):
-            continue
-        if n * per_process > 0.8 * available:
-            continue
-        return n, f"{cores} cores, ~{work / 1e12:.0f} TFLOP of work, {n} x {per_process / 2**30:.1f} GB fits"
-    return 1, (f"no process count in 2..{cores} both divides --batch-size {cfg.batch_size} into micro-batches of "
-               f"{cfg.micro_batch_size} and fits {per_process / 2**30:.1f} GB each in "
+    per_process = n_params * weight_bytes + 16 * full_params + PROCESS_OVERHEAD_BYTES
+    splits = [n for n in range(cores, 1, -1) if cfg.batch_size % (cfg.micro_batch_size * n) == 0]
+    if not splits:
+        return 1, (f"--batch-size {cfg.batch_size} does not split into micro-batches of {cfg.micro_batch_size} "
+                   f"over 2..{cores} processes")
+    for n in splits:
+        if n * per_process <= 0.8 * available:
+            return n, f"{cores} cores, ~{work / 1e12:.0f} TFLOP of work, {n} x {per_process / 2**30:.1f} GB fits"
+    return 1, (f"{splits[-1]} copies of {per_process / 2**30:.1f} GB would not fit in the "
                f"{available / 2**30:.1f} GB available")
+
+
+def _fully_trained_params(model_dir: Path, modules: list[str]) -> int:
+    """Parameters of the embedding / output layers trained fully (pretrain's default, or after a vocab resize)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config)
+    rows_x_width = int(config.get("vocab_size", 0)) * int(config.get("hidden_size", 0))
+    return rows_x_width * sum(name in ("embed_tokens", "lm_head") for name in modules)
 
 
 def resolve_nproc(cfg: Any) -> int:
@@ -115,12 +128,15 @@ def resolve_nproc(cfg: Any) -> int:
     from lorakit.train.precision import resolve_precision
 
     try:
-        n_params = param_count(resolve_model_dir(cfg.base_model))
+        model_dir = resolve_model_dir(cfg.base_model)
+        n_params = param_count(model_dir)
+        full_params = _fully_trained_params(model_dir, cfg.modules_to_save)
     except Exception as e:  # noqa: BLE001 - not a safetensors folder: train as one process, as asked of auto
         log.info("--nproc auto: 1 process (parameter count unknown: %s)", e)
         return 1
     weight_bytes = 4 if resolve_precision(cfg.precision) == "fp32" else 2
-    n, why = auto_nproc(cfg, n_params, weight_bytes, usable_cores(), available_memory(), torch.cuda.is_available())
+    n, why = auto_nproc(cfg, n_params, weight_bytes, usable_cores(), available_memory(), torch.cuda.is_available(),
+                        full_params)
     log.info("--nproc auto: %d process%s (%s)", n, "es" if n > 1 else "", why)
     return n
 
