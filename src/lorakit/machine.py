@@ -21,7 +21,7 @@ def usable_cores() -> int:
     """Physical cores this process may run on: its affinity mask (taskset, containers), hyperthreads of
     one core counted once, capped by a cgroup CPU quota (docker --cpus, Kubernetes limits)."""
     try:
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = os.sched_getaffinity(0)
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
     cores = set()

@@ -10,6 +10,7 @@ from pathlib import Path
 from lorakit.data import read_examples
 from lorakit.demo.config import DemoConfig
 from lorakit.demo.task import make_split, score
+from lorakit.files import write_atomic
 from lorakit.models import load_model_and_tokenizer
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
@@ -31,9 +32,7 @@ def _accuracy(base_model: str, adapters: list[str], test_file: Path) -> tuple[fl
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def run_demo(cfg: DemoConfig) -> int:

@@ -35,6 +35,7 @@ from lorakit.config import save_yaml
 from lorakit.data.balance import BalancedOrder
 from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
+from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions
@@ -88,7 +89,7 @@ def read_summary(output_dir: str | os.PathLike[str]) -> TrainSummary:
     return TrainSummary(**json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8")))
 
 
-def across_processes(value: float) -> list[float]:
+def across_processes(value: Any) -> list[Any]:
     """`value` of every process (all must call this), or [value] outside a process group."""
     import torch.distributed as dist
 
@@ -317,7 +318,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     # every process takes part here, before anything only rank 0 does (and could fail in)
-    cpu_seconds_all, peak_rss_all = sum(across_processes(cpu_seconds)), sum(across_processes(peak_rss_mb()))
+    cpu_seconds_all, peak_rss_all = map(sum, zip(*across_processes((cpu_seconds, peak_rss_mb())), strict=True))
     # Trainer already evaluates at the last step (eval_strategy "steps"); evaluate again only if not.
     final_evals = [h["eval_loss"] for h in trainer.state.log_history
                    if "eval_loss" in h and h.get("step") == trainer.state.global_step]
@@ -342,13 +343,12 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     peak_rss = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     summary = TrainSummary(output_dir=str(out), global_step=trainer.state.global_step,
-                        train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
-                        tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
-                        peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable,
-                        peak_gpu_mb=peak_gpu, processes=world_size(), peak_rss_mb_all=max(peak_rss_all, peak_rss),
-                        cpu_seconds=cpu_seconds_all)
+                           train_loss=float(result.training_loss), eval_loss=eval_loss, train_seconds=seconds,
+                           tokens_seen=tokens, tokens_per_second=tokens / seconds if seconds else 0.0,
+                           peak_rss_mb=peak_rss, precision=precision, trainable_params=trainable,
+                           peak_gpu_mb=peak_gpu, processes=world_size(), cpu_seconds=cpu_seconds_all,
+                           # one process: its peak after saving too; several: their sum when training ended
+                           peak_rss_mb_all=max(peak_rss_all, peak_rss))
     if is_main_process():  # for scripts and benchmarks: the printed summary, as numbers
-        tmp = out / ".train_summary.json.tmp"
-        tmp.write_text(json.dumps(asdict(summary), indent=1), encoding="utf-8")
-        os.replace(tmp, out / SUMMARY_FILE)
+        write_atomic(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=1))
     return summary

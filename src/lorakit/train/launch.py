@@ -147,7 +147,7 @@ def relaunch_if_needed(cfg: Any, verb: str) -> int | None:
     Not needed when one process is chosen or when already inside a launcher."""
     if under_launcher():
         world = int(os.environ["WORLD_SIZE"])
-        if cfg.nproc not in ("auto", "1", 1) and int(cfg.nproc) != world:
+        if cfg.nproc != "auto" and int(cfg.nproc) not in (1, world):
             raise ConfigError(f"--nproc {cfg.nproc} given inside a launcher that started {world} process(es); "
                               "drop --nproc when using torchrun or accelerate launch")
         return None

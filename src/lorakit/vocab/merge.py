@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, MismatchError, ModelNotFoundError, OutputExistsError
-from lorakit.vocab.train import current_umask
+from lorakit.files import current_umask
 
 log = logging.getLogger("lorakit")
 

@@ -4,14 +4,13 @@ identity normalization, <unk>=0 <s>=1 </s>=2, no pad)."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from lorakit.errors import ConfigError, DataError, OutputExistsError
+from lorakit.files import write_atomic
 from lorakit.vocab.config import VocabTrainConfig
 from lorakit.vocab.corpus import iter_text_lines
 
@@ -119,27 +118,9 @@ def train_sentencepiece(cfg: VocabTrainConfig, show_progress: bool = True) -> di
     sp = spm.SentencePieceProcessor(model_proto=model)
     vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, model)
-    _atomic_write(out.with_suffix(".vocab"), vocab_lines.encode("utf-8"))
+    write_atomic(out, model)
+    write_atomic(out.with_suffix(".vocab"), vocab_lines)
     return {"output": str(out), "pieces": sp.get_piece_size(), "sentences": len(sentences), "lines_seen": seen}
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_vocab_train(cfg: VocabTrainConfig) -> int:
