@@ -60,6 +60,8 @@ def test_two_processes_match_one(tiny_model_dir, data12, tmp_path):
     assert (two / "adapter_model.safetensors").is_file() and (two / "loss.png").is_file()
     summary = json.loads((two / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["peak_rss_mb_all"] > 1.5 * summary["peak_rss_mb"]
+    # tokens are gathered from both processes once per step: the same count as one process's
+    assert summary["tokens_seen"] == json.loads((one / "train_summary.json").read_text())["tokens_seen"] > 0
 
     log_one, log_two = _log(one), _log(two)
     train_one = [(r["step"], r["loss"]) for r in log_one if "loss" in r]

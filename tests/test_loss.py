@@ -91,6 +91,24 @@ def test_fused_head_equals_linear_then_transformers_loss(dtype, num_items, monke
     assert grad[0, 3].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_gives_finite_huge_losses(dtype):
+    """A target far below its row's maximum (p(target) underflows to 0 in fp32) still gets its true loss."""
+    torch.manual_seed(3)
+    hidden = torch.randn(1, 6, 8).to(dtype)
+    weight = torch.randn(40, 8)
+    labels = torch.randint(0, 40, (1, 6))
+    h = hidden[0, 1].float()
+    weight[labels[0, 2]] = -300 * h / h.dot(h)  # this target's logit at the position before it: -300
+    weight = weight.to(dtype)
+    ref_value, ref_grad = _loss_and_grad(lambda h, *a, **k: ForCausalLMLoss(h @ weight.t(), *a, **k), hidden,
+                                         labels, vocab=40)
+    value, grad = _fused_loss_and_grad(hidden, weight, labels)
+    assert ref_value.float() > 250 / 5  # one of the 5 predicted tokens: exp(-loss) is 0 in fp32
+    torch.testing.assert_close(value.float(), ref_value.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_fused_head_under_autocast_computes_in_bf16_and_returns_fp32_gradients():
     torch.manual_seed(2)
     hidden, weight = torch.randn(1, 9, 16), torch.randn(50, 16)
