@@ -130,7 +130,7 @@ def test_examples_load_with_lorakit_and_accelerate(tiny_model_dir):
     from accelerate.commands.config.config_args import ClusterConfig
 
     from lorakit.config import load_yaml_config
-    from lorakit.train.engine import gradient_accumulation_steps
+    from lorakit.train.config import gradient_accumulation_steps
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
     cfg = build_config(FinetuneConfig, load_yaml_config(root / "finetune_alpaca.yaml"))

@@ -19,7 +19,7 @@ from lorakit.errors import LorakitError
 
 # "verb [sub-verb]": ("module:ConfigClass", "module:run_function", "one-line help")
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "finetune": ("lorakit.train.config:FinetuneConfig", "lorakit.train.finetune:run_finetune",
+    "finetune": ("lorakit.train.config:FinetuneConfig", "lorakit.train.commands:run_finetune",
                  "LoRA instruction tuning on alpaca-style or chat data"),
     "eval": ("lorakit.train.config:EvalConfig", "lorakit.train.evaluate:run_eval",
              "masked loss / perplexity (and exact-match accuracy) of a model + adapter on a data file"),
@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                     "add an extra SentencePiece model's pieces to a base tokenizer (.model + HF folder)"),
     "vocab stats": ("lorakit.vocab.config:VocabStatsConfig", "lorakit.vocab.stats:run_vocab_stats",
                     "tokens per character (by script) and unknown/byte-fallback rates of tokenizers"),
-    "pretrain": ("lorakit.train.pretrain_config:PretrainConfig", "lorakit.train.pretrain:run_pretrain",
+    "pretrain": ("lorakit.train.pretrain_config:PretrainConfig", "lorakit.train.commands:run_pretrain",
                  "continued pre-training on raw text (LoRA + full embeddings after a vocabulary extension)"),
     "demo": ("lorakit.demo.config:DemoConfig", "lorakit.demo.run:run_demo",
              "the main job: teach smollm2-135m a verifiable task with LoRA, accuracy before/after"),

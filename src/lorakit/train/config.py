@@ -87,3 +87,12 @@ class EvalConfig(PromptDataOptions, ModelOptions):
 
     def validate(self) -> None:
         self.validate_data()
+
+
+def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, n_processes: int) -> int:
+    """alpaca-lora's rule: global batch = micro batch x accumulation x processes."""
+    steps = batch_size // (micro_batch_size * n_processes)
+    if steps < 1 or steps * micro_batch_size * n_processes != batch_size:
+        raise ConfigError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size "
+                          f"{micro_batch_size} x {n_processes} process(es)")
+    return steps

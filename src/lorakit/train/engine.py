@@ -38,7 +38,7 @@ from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
-from lorakit.train.config import LoraOptions, TrainOptions
+from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -106,15 +106,6 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, n_processes: int) -> int:
-    """alpaca-lora's rule: global batch = micro batch x accumulation x processes."""
-    steps = batch_size // (micro_batch_size * n_processes)
-    if steps < 1 or steps * micro_batch_size * n_processes != batch_size:
-        raise ConfigError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size "
-                          f"{micro_batch_size} x {n_processes} process(es)")
-    return steps
 
 
 def lora_config(cfg: LoraOptions):

@@ -11,7 +11,7 @@ from lorakit.errors import ConfigError
 from lorakit.models import check_vocab, ensure_pad_token, load_model, load_tokenizer, resolve_model_dir
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
-from lorakit.train.engine import TrainSummary, is_main_process, train
+from lorakit.train.engine import TrainSummary, train
 from lorakit.train.precision import resolve_precision, weights_dtype
 
 log = logging.getLogger("lorakit")
@@ -57,18 +57,3 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
             if name not in cfg.modules_to_save:
                 cfg.modules_to_save.append(name)
     return train(cfg, model, tokenizer, train_set, val_set or None)
-
-
-def run_finetune(cfg: FinetuneConfig) -> int:
-    from lorakit.train.launch import relaunch_if_needed
-
-    code = relaunch_if_needed(cfg, "finetune")  # several processes: this command again under torchrun
-    if code is not None:
-        return code
-    summary = finetune(cfg)
-    if is_main_process():
-        print(summary.describe())
-        print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
-        print(f"try it:  lorakit generate --base-model {cfg.base_model} --lora-weights {summary.output_dir} "
-              f"--prompt-template {cfg.prompt_template} --instruction '...'")
-    return 0

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lorakit.config import save_yaml
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.machine import available_memory, usable_cores
+from lorakit.train.config import gradient_accumulation_steps
 
 if TYPE_CHECKING:
     from lorakit.train.engine import TrainSummary
@@ -154,8 +155,6 @@ def relaunch_if_needed(cfg: Any, verb: str) -> int | None:
     nproc = resolve_nproc(cfg)
     if nproc <= 1:
         return None
-    from lorakit.train.engine import gradient_accumulation_steps
-
     gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, nproc)  # refuse bad splits up front
     with tempfile.TemporaryDirectory(prefix="lorakit-launch-") as tmp:
         config_file = Path(tmp) / "options.yaml"

@@ -117,17 +117,3 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
         copy_sentencepiece_model(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir), tokenizer,
                                  summary.output_dir)
     return summary
-
-
-def run_pretrain(cfg: PretrainConfig) -> int:
-    from lorakit.train.launch import relaunch_if_needed
-
-    code = relaunch_if_needed(cfg, "pretrain")  # several processes: this command again under torchrun
-    if code is not None:
-        return code
-    summary = pretrain(cfg)
-    if is_main_process():
-        print(summary.describe())
-        print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
-        print(f"merge it: lorakit merge --base-model {cfg.base_model} --lora-weights {summary.output_dir} ...")
-    return 0
