@@ -1,7 +1,7 @@
 """Training speed: the alpaca-lora recipe vs `lorakit finetune` defaults, side by side in one run.
 
-    .venv/bin/python benchmarks/train_speed.py --base tiny --examples 192
-    .venv/bin/python benchmarks/train_speed.py --base smollm2-135m --examples 160
+    .venv/bin/python benchmarks/train_speed.py --base tiny            # 800 examples
+    .venv/bin/python benchmarks/train_speed.py --base smollm2-135m    # 160 examples
 
 Reference ("alpaca-lora"): HF Trainer + PEFT LoRA (r 8, alpha 16, dropout 0.05, q_proj/v_proj), fp32,
 left-padded DataCollatorForSeq2Seq (pad to the longest, multiple of 8), AdamW, linear schedule,
@@ -9,9 +9,9 @@ warm-up 0, prompts from the alpaca template with EOS appended, loss on the whole
 with --no-train-on-inputs, on the response only).
 lorakit: the `lorakit finetune` command with its defaults (auto precision, padding-free batches,
 `--nproc auto`) and the same data and hyper-parameters. `--nproc auto` trains with one process per
-core on a CPU-only machine when the job is worth more than ~1 minute of training: SmolLM2 with 160
-examples is (2 processes here), with 64 it is not (a second process would not pay for its start-up);
-the tiny model never is. Each side runs in its own subprocess; peak RSS and CPU time are those of all of
+core on a CPU-only machine when the job is worth more than ~25 s of training: SmolLM2 with 160 examples
+and the tiny model with 800 are (2 processes here), the tiny model with 192 is not (a second process
+would not pay for its start-up). Each side runs in its own subprocess; peak RSS and CPU time are those of all of
 a side's processes. Both adapters are then scored on the same held-out examples with the same fp32
 evaluator (mean token cross-entropy). Throughput is real (non-pad) tokens per second of training wall
 time (model loading and process start-up excluded, on both sides).
@@ -172,7 +172,8 @@ def worker(side: str, args_json: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny", help="'tiny' (a random LLaMA built here), smollm2-135m, or a folder")
-    p.add_argument("--examples", type=int, default=192, help="training examples (the first N of the data)")
+    p.add_argument("--examples", type=int, default=None,
+                   help="training examples (the first N of the data); default 800 for tiny, else 160")
     p.add_argument("--heldout", type=int, default=48, help="held-out examples (the next M)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -189,6 +190,8 @@ def main() -> None:
         return worker(args.worker, args.worker_args)
 
     records = json.loads(DATA.read_text())
+    if args.examples is None:
+        args.examples = 800 if args.base == "tiny" else 160
     train, held = records[: args.examples], records[args.examples: args.examples + args.heldout]
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         tmp_path = Path(tmp)

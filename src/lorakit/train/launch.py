@@ -11,9 +11,10 @@ Measured on SmolLM2-135M (2 cores, bf16, balanced batches, interleaved runs): 48
 2 processes x 1 thread against 441-466 for 1 process x 2 threads. A core that runs its own process
 runs every op start to end: no hand-over between threads inside small ops, and the Python/dispatch
 time of each op (~100 ms per micro-batch) no longer leaves the other core idle. The price: each process
-holds its own copy of the model, and starting the second one costs ~5 s; so `auto` stays at one
-process for short jobs, when the copies would not fit in memory, when the batch does not split, and
-on GPUs (where one process per GPU is the user's choice of devices: `--nproc N` or torchrun).
+holds its own copy of the model, and the workers' start-up (torchrun, imports, loading) costs ~2 s more
+than training in the command's own process; so `auto` stays at one process for short jobs, when the
+copies would not fit in memory, when the batch does not split, and on GPUs (where one process per GPU
+is the user's choice of devices: `--nproc N` or torchrun).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorakit")
 
-# Below ~1 minute of single-process training (6 x parameters x tokens FLOPs at the ~350 GFLOP/s this
-# 2-core CPU sustains) the ~5 s start-up of a second process outweighs its 5-10% gain.
-MIN_AUTO_WORK_FLOP = 2e13
+# Below ~25 s of single-process training (6 x parameters x tokens FLOPs at the ~350 GFLOP/s this 2-core
+# CPU sustains) the ~2 s of extra start-up outweigh the gain of a process per core. Measured, whole command
+# wall time, 1 vs 2 processes: SmolLM2-135M, 64 examples (~12 TFLOP estimated): 32.6-34.4 s vs 31.0 s;
+# the 10M tiny LLaMA of the benchmark, 192 examples (~3 TFLOP): 11.0-11.4 s vs 11.9-12.4 s.
+MIN_AUTO_WORK_FLOP = 8e12
 # Resident memory of one training process besides the weights (runtime, activations at micro-batch 4 x 256,
 # LoRA optimizer state): measured 1.5 GB next to the 0.27 GB of SmolLM2-135M in bf16.
 PROCESS_OVERHEAD_BYTES = 1.6 * 2**30
