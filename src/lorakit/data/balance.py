@@ -1,11 +1,11 @@
 """Training order for data-parallel padding-free batches: random global batches, evenly split.
 
-The processes of a DDP run wait for each other at every micro-batch (HF Trainer gathers the token
-count of each one) and at every optimizer step (the gradient all-reduce), so each micro-batch lasts as
-long as the heaviest one among the processes. With padding-free rows a micro-batch's work is its
-tokens (plus attention's quadratic term), and a random split of alpaca-style data is uneven: on the
-shared English examples (180 +- 76 tokens, global batch 16, 2 processes) one process got 3-31% more
-tokens than the other in a step, while the other sat idle.
+The processes of a DDP run wait for each other at every optimizer step (the gradient all-reduce) and,
+with HF Trainer's own token count, at every micro-batch (the engine's Trainer gathers that count once
+per step instead), so a step lasts as long as the heaviest process's share of it. With padding-free
+rows a micro-batch's work is its tokens (plus attention's quadratic term), and a random split of
+alpaca-style data is uneven: on the shared English examples (180 +- 76 tokens, global batch 16, 2
+processes) one process got 3-31% more tokens than the other in a step, while the other sat idle.
 
 `BalancedOrder` draws the same kind of order as a random sampler (a seeded permutation per epoch,
 cut into global batches) and only rearranges the examples inside each global batch: into micro-batches
