@@ -51,7 +51,7 @@ class TrainOptions:
     save_total_limit: int = opt(3, "checkpoints kept")
     overwrite: bool = opt(False, "allow an --output-dir that already holds a finished adapter")
     nproc: str = opt("auto", "processes to train with (DDP): N, or auto: one per core when training on a CPU "
-                            "for more than about a minute and memory allows, else 1. >1 re-launches this "
+                            "for more than about 25 seconds and memory allows, else 1. >1 re-launches this "
                             "command through torchrun (under torchrun or accelerate launch, leave it at auto)")
 
     def validate_train(self) -> None:
