@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lorakit.config import build_config
@@ -121,3 +124,12 @@ def test_train_as_configured_returns_the_summary_of_either_path(tmp_path, monkey
         launch.train_as_configured(cfg, "finetune", not_here)
     monkeypatch.setattr(launch, "relaunch_if_needed", lambda cfg, verb: None)  # one process: here
     assert launch.train_as_configured(cfg, "finetune", lambda cfg: "trained here") == "trained here"
+
+
+def test_the_verbs_decide_on_a_relaunch_before_importing_the_training_stack():
+    """A relaunching parent only starts torchrun and waits: importing transformers' Trainer and peft there
+    (3.3 s here) would delay the workers for nothing."""
+    code = ("import sys, lorakit.cli, lorakit.train.commands, lorakit.train.launch; "
+            "print(sorted(m for m in ('transformers', 'peft', 'lorakit.train.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
