@@ -107,10 +107,11 @@ def run_lorakit(a: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"lorakit finetune failed:\n{proc.stderr[-3000:]}")
-    s = json.loads((Path(a["out"]) / "train_summary.json").read_text())
-    return {"tokens": s["tokens_seen"], "wall": s["train_seconds"], "cpu": s["cpu_seconds"],
-            "train_loss": s["train_loss"], "peak_rss_mb": s["peak_rss_mb_all"], "processes": s["processes"],
-            "precision": s["precision"]}
+    from lorakit.train.engine import read_summary
+
+    s = read_summary(a["out"])
+    return {"tokens": s.tokens_seen, "wall": s.train_seconds, "cpu": s.cpu_seconds, "train_loss": s.train_loss,
+            "peak_rss_mb": s.peak_rss_mb_all, "processes": s.processes, "precision": s.precision}
 
 
 def heldout_loss(base_dir: str, adapter: str | None, records: list[dict], cutoff_len: int) -> float:
