@@ -128,29 +128,29 @@ def heldout_loss(base_dir: str, adapter: str | None, records: list[dict], cutoff
     return masked_loss(model, tokenizer, feats, 8)[0]
 
 
-def matmul_peaks(rows: int = 768, hidden: int = 576, inner: int = 1536) -> dict[str, float]:
-    """GFLOP/s of one core on a training-sized matmul ([rows, hidden] x [hidden, inner]) in fp32 and bf16.
+def matmul_gflops(precision: str, rows: int = 768, hidden: int = 576, inner: int = 1536) -> float:
+    """GFLOP/s of one core on a training-sized matmul ([rows, hidden] x [hidden, inner]) in `precision`.
 
-    Their ratio is what low precision can give on this CPU: about 2x where bf16 runs on AVX-512 alone,
+    bf16 over fp32 is what low precision can give on this CPU: about 2x where bf16 runs on AVX-512 alone,
     several times more with AMX."""
     import torch
+
+    from lorakit.train.precision import weights_dtype
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        peaks = {}
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, inner, dtype=dtype)
-            for _ in range(5):
+        a = torch.randn(rows, hidden, dtype=weights_dtype(precision))
+        b = torch.randn(hidden, inner, dtype=a.dtype)
+        for _ in range(5):
+            a @ b
+        best = float("inf")
+        for _ in range(5):  # best of 5 timings of 10 products: other jobs only ever slow it down
+            start = time.perf_counter()
+            for _ in range(10):
                 a @ b
-            best = float("inf")
-            for _ in range(5):  # best of 5 timings of 10 products: other jobs only ever slow it down
-                start = time.perf_counter()
-                for _ in range(10):
-                    a @ b
-                best = min(best, (time.perf_counter() - start) / 10)
-            peaks[name] = 2 * rows * hidden * inner / best / 1e9
-        return peaks
+            best = min(best, (time.perf_counter() - start) / 10)
+        return 2 * rows * hidden * inner / best / 1e9
     finally:
         torch.set_num_threads(threads)
 
@@ -271,11 +271,10 @@ def main() -> None:
           f"(CPU time); held-out loss difference {100 * (lk['heldout'] - ref['heldout']) / ref['heldout']:+.2f}%")
     # What the two big factors allow on this CPU: matmuls dominate both sides, so with equal efficiency
     # per FLOP the ratio is (lorakit's matmul speed / fp32's) x (reference tokens incl. padding / real ones).
-    peaks = matmul_peaks()
-    precision_gain = peaks.get(lk["precision"], peaks["fp32"]) / peaks["fp32"]
-    print(f"this CPU, one core: fp32 matmul {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f}; at equal "
-          f"efficiency per FLOP, {lk['precision']} ({precision_gain:.2f}x) without the padding "
-          f"({1 / (1 - pad_share):.2f}x) gives {precision_gain / (1 - pad_share):.2f}x")
+    fp32, low = matmul_gflops("fp32"), matmul_gflops(lk["precision"])
+    print(f"this CPU, one core: fp32 matmul {fp32:.0f} GFLOP/s, {lk['precision']} {low:.0f}; at equal efficiency "
+          f"per FLOP, {lk['precision']} ({low / fp32:.2f}x) without the padding ({1 / (1 - pad_share):.2f}x) "
+          f"gives {low / fp32 / (1 - pad_share):.2f}x")
 
 
 if __name__ == "__main__":
