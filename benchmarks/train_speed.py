@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "alpaca_en_demo.json"
+DATA = ROOT / "data" / "alpaca_en_demo.json"
 
 
 def peak_rss_mb() -> float:

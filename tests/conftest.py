@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaMA models (built here, a few MB) and paths to the shared data."""
+"""Shared fixtures: tiny random LLaMA models (built here, a few MB) and the path to the data shipped in data/."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import CHATML_TEMPLATE, SHARED_DATA, make_tiny_llama  # noqa: E402
+from tiny_models import CHATML_TEMPLATE, DATA_DIR, make_tiny_llama  # noqa: E402
 
-__all__ = ["CHATML_TEMPLATE", "ROOT", "SHARED_DATA", "make_tiny_llama"]
+__all__ = ["CHATML_TEMPLATE", "ROOT", "DATA_DIR", "make_tiny_llama"]
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA} (set LORAKIT_SHARED_DATA)"
-    return SHARED_DATA
+def data_dir() -> Path:
+    assert DATA_DIR.is_dir(), f"the repository's data folder is missing: {DATA_DIR}"
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +32,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_alpaca_json(shared_data, tmp_path_factory) -> Path:
+def tiny_alpaca_json(data_dir, tmp_path_factory) -> Path:
     """The first 64 shared English alpaca examples, as a .json array."""
     import json
 
-    records = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:64]
+    records = json.loads((data_dir / "alpaca_en_demo.json").read_text())[:64]
     path = tmp_path_factory.mktemp("data") / "alpaca64.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return path

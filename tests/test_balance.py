@@ -11,9 +11,9 @@ from lorakit.data.balance import BalancedOrder, example_cost, split_evenly
 
 
 @pytest.fixture(scope="module")
-def lengths(shared_data) -> list[int]:
+def lengths(data_dir) -> list[int]:
     """Rough token lengths (characters / 4) of the shared English alpaca examples: 18-256 tokens."""
-    records = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:320]
+    records = json.loads((data_dir / "alpaca_en_demo.json").read_text())[:320]
     return [min(256, max(8, len(r["instruction"] + r["input"] + r["output"]) // 4)) for r in records]
 
 

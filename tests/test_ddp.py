@@ -30,8 +30,8 @@ COMMON = dict(precision="fp32", lora_dropout=0.0, batch_size=8, num_epochs=2, le
 
 
 @pytest.fixture(scope="module")
-def data12(shared_data, tmp_path_factory):
-    records = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:12]
+def data12(data_dir, tmp_path_factory):
+    records = json.loads((data_dir / "alpaca_en_demo.json").read_text())[:12]
     path = tmp_path_factory.mktemp("ddp") / "train12.json"
     path.write_text(json.dumps(records))
     return path

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit.export.run import export_model
 from lorakit.export.verify import VerificationError
 from lorakit.merge.safetensors_io import param_count
-from tiny_models import SHARED_DATA, make_tiny_llama
+from tiny_models import DATA_DIR, make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
 
@@ -22,7 +22,7 @@ IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
     gqa = make_tiny_llama(root / "gqa", heads=4, kv_heads=2, seed=1)
-    shutil.copy(SHARED_DATA / "llama_style_bpe_16k.model", gqa / "tokenizer.model")  # SentencePiece scores
+    shutil.copy(DATA_DIR / "llama_style_bpe_16k.model", gqa / "tokenizer.model")  # SentencePiece scores
     return {
         "gqa_untied": gqa,
         "mha_tied_chat": make_tiny_llama(root / "mha", heads=4, kv_heads=4, tie_word_embeddings=True, chat=True,

@@ -45,10 +45,10 @@ def test_pad_token_added_when_no_unk(tiny_model_dir):
     assert len(tok) == n + 1 and tok.pad_token == "<pad>"
 
 
-def test_sentencepiece_model_file_matches_sentencepiece(shared_data):
+def test_sentencepiece_model_file_matches_sentencepiece(data_dir):
     import sentencepiece as spm
 
-    model_file = shared_data / "llama_style_bpe_16k.model"
+    model_file = data_dir / "llama_style_bpe_16k.model"
     tok = load_tokenizer(".", model_file)
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     text = "The year 2024 had 366 days.\nx = f(3) + 1  # code"

@@ -13,17 +13,17 @@ from lorakit.train.pretrain_config import PretrainConfig
 
 
 @pytest.fixture(scope="module")
-def zh_docs(shared_data):
-    records = json.loads((shared_data / "alpaca_zh_demo.json").read_text())
+def zh_docs(data_dir):
+    records = json.loads((data_dir / "alpaca_zh_demo.json").read_text())
     return [r["output"].replace("\n", " ") for r in records[:40]]
 
 
 @pytest.fixture(scope="module")
-def extended_tokenizer(shared_data, tmp_path_factory):
+def extended_tokenizer(data_dir, tmp_path_factory):
     from lorakit.vocab.merge import merge_tokenizers
 
     out = tmp_path_factory.mktemp("tok") / "merged"
-    merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), str(shared_data / "chinese_sp.model"), str(out))
+    merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"), str(data_dir / "chinese_sp.model"), str(out))
     return out
 
 

@@ -29,27 +29,27 @@ def _sp(path) -> spm.SentencePieceProcessor:
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data):
-    zh = read_text_lines([str(shared_data / "alpaca_zh_demo.json")], 200)
-    en = read_text_lines([str(shared_data / "alpaca_en_demo.json")], 200) + \
-        read_text_lines([str(shared_data / "wiki_demo.txt")], 20)
+def texts(data_dir):
+    zh = read_text_lines([str(data_dir / "alpaca_zh_demo.json")], 200)
+    en = read_text_lines([str(data_dir / "alpaca_en_demo.json")], 200) + \
+        read_text_lines([str(data_dir / "wiki_demo.txt")], 20)
     mixed = [f"{a} {b}" for a, b in zip(zh[:100], en[:100], strict=True)] + \
         [f"{b}：{a}（2024年）" for a, b in zip(zh[100:150], en[100:150], strict=True)]
     return {"zh": zh, "en": en, "mixed": mixed}
 
 
 @pytest.fixture(scope="module")
-def merged(shared_data, tmp_path_factory):
+def merged(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab") / "merged"
-    result = merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"),
-                              str(shared_data / "chinese_sp.model"), str(out))
+    result = merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"),
+                              str(data_dir / "chinese_sp.model"), str(out))
     return result
 
 
 @pytest.fixture(scope="module")
-def merged_keep_all(shared_data, tmp_path_factory):
+def merged_keep_all(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vocab") / "keep_all"
-    return merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), str(shared_data / "chinese_sp.model"),
+    return merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"), str(data_dir / "chinese_sp.model"),
                             str(out), keep_all=True)
 
 
@@ -60,8 +60,8 @@ def merged_hf(merged):
     return AutoTokenizer.from_pretrained(merged.output_dir)
 
 
-def test_existing_text_keeps_its_ids(shared_data, merged, merged_hf, texts):
-    base, new = _sp(shared_data / "llama_style_bpe_16k.model"), _sp(merged.output_dir / "tokenizer.model")
+def test_existing_text_keeps_its_ids(data_dir, merged, merged_hf, texts):
+    base, new = _sp(data_dir / "llama_style_bpe_16k.model"), _sp(merged.output_dir / "tokenizer.model")
     lines = CODE + NUMBERS + [x for x in texts["en"] if x.isascii()]
     assert len(lines) > 200
     for x in lines:
@@ -71,13 +71,13 @@ def test_existing_text_keeps_its_ids(shared_data, merged, merged_hf, texts):
             assert merged_hf.encode(x, add_special_tokens=False) == ids, x
 
 
-def test_chinese_needs_at_least_half_the_tokens(shared_data, merged, texts):
-    base, new = _sp(shared_data / "llama_style_bpe_16k.model"), _sp(merged.output_dir / "tokenizer.model")
+def test_chinese_needs_at_least_half_the_tokens(data_dir, merged, texts):
+    base, new = _sp(data_dir / "llama_style_bpe_16k.model"), _sp(merged.output_dir / "tokenizer.model")
     before = sum(len(base.encode(x)) for x in texts["zh"])
     after = sum(len(new.encode(x)) for x in texts["zh"])
     assert before / after >= 2.0, (before, after)
     # The report's table counts the same tokens.
-    check = check_merge(shared_data / "llama_style_bpe_16k.model", merged, texts["zh"])
+    check = check_merge(data_dir / "llama_style_bpe_16k.model", merged, texts["zh"])
     assert (check.before.total_tokens, check.after.total_tokens) == (before, after)
     assert check.before.total_chars == sum(len(x) for x in texts["zh"])
 
@@ -94,10 +94,10 @@ def test_round_trip_and_hf_agrees_with_sentencepiece(merged, merged_hf, texts):
             assert merged_hf.decode(hf_ids) == x
 
 
-def test_hf_folder_is_the_base_class_with_its_special_tokens(shared_data, merged, merged_hf):
+def test_hf_folder_is_the_base_class_with_its_special_tokens(data_dir, merged, merged_hf):
     from lorakit.models import load_tokenizer
 
-    base = load_tokenizer(shared_data, shared_data / "llama_style_bpe_16k.model", add_pad_token=False)
+    base = load_tokenizer(data_dir, data_dir / "llama_style_bpe_16k.model", add_pad_token=False)
     assert type(merged_hf) is type(base)
     assert len(merged_hf) == merged.merged_size == _sp(merged.output_dir / "tokenizer.model").get_piece_size()
     for name in ("bos_token", "eos_token", "unk_token"):
@@ -112,8 +112,8 @@ def test_hf_folder_is_the_base_class_with_its_special_tokens(shared_data, merged
     assert load_tokenizer(merged.output_dir, add_pad_token=False).encode("中文 text") == merged_hf.encode("中文 text")
 
 
-def test_default_mode_adds_only_pieces_with_new_characters(shared_data, merged):
-    base = load_proto(shared_data / "llama_style_bpe_16k.model")
+def test_default_mode_adds_only_pieces_with_new_characters(data_dir, merged):
+    base = load_proto(data_dir / "llama_style_bpe_16k.model")
     out = load_proto(merged.output_dir / "tokenizer.model")
     covered = covered_chars(base)
     assert [p.piece for p in out.pieces[:len(base.pieces)]] == [p.piece for p in base.pieces]
@@ -132,8 +132,8 @@ def test_default_mode_adds_only_pieces_with_new_characters(shared_data, merged):
     assert {"，", "！", "（", "）"} <= set(pieces) and not any(p.startswith("<0x") for p in pieces), pieces
 
 
-def test_keep_all_adds_every_missing_piece(shared_data, merged_keep_all, texts):
-    base, extra = _sp(shared_data / "llama_style_bpe_16k.model"), _sp(shared_data / "chinese_sp.model")
+def test_keep_all_adds_every_missing_piece(data_dir, merged_keep_all, texts):
+    base, extra = _sp(data_dir / "llama_style_bpe_16k.model"), _sp(data_dir / "chinese_sp.model")
     base_pieces = {base.id_to_piece(i) for i in range(base.get_piece_size())}
     missing = [extra.id_to_piece(i) for i in range(extra.get_piece_size())
                if not (extra.is_control(i) or extra.is_unknown(i)) and extra.id_to_piece(i) not in base_pieces]
@@ -147,20 +147,20 @@ def test_keep_all_adds_every_missing_piece(shared_data, merged_keep_all, texts):
     assert sum(new.encode(x) != base.encode(x) for x in texts["en"]) > len(texts["en"]) // 2
 
 
-def test_base_folder_added_tokens_keep_their_ids(shared_data, tmp_path):
+def test_base_folder_added_tokens_keep_their_ids(data_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from lorakit.models import load_tokenizer
 
     folder = tmp_path / "chat_base"
-    tok = load_tokenizer(shared_data, shared_data / "llama_style_bpe_16k.model", add_pad_token=False)
+    tok = load_tokenizer(data_dir, data_dir / "llama_style_bpe_16k.model", add_pad_token=False)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.save_pretrained(folder)
-    shutil.copy(shared_data / "llama_style_bpe_16k.model", folder / "tokenizer.model")
+    shutil.copy(data_dir / "llama_style_bpe_16k.model", folder / "tokenizer.model")
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
     assert ids == {"<|im_start|>": 16000, "<|im_end|>": 16001}
 
-    result = merge_tokenizers(str(folder), str(shared_data / "chinese_sp.model"), str(tmp_path / "out"))
+    result = merge_tokenizers(str(folder), str(data_dir / "chinese_sp.model"), str(tmp_path / "out"))
     assert result.moved_added_tokens == ["<|im_start|>", "<|im_end|>"]
     hf = AutoTokenizer.from_pretrained(tmp_path / "out")
     proto = load_proto(tmp_path / "out" / "tokenizer.model")
@@ -172,8 +172,8 @@ def test_base_folder_added_tokens_keep_their_ids(shared_data, tmp_path):
     assert hf.decode(hf.encode(text, add_special_tokens=False)) == text
 
 
-def test_merge_errors(shared_data, tmp_path, merged):
-    extra = str(shared_data / "chinese_sp.model")
+def test_merge_errors(data_dir, tmp_path, merged):
+    extra = str(data_dir / "chinese_sp.model")
     (tmp_path / "no_model").mkdir()
     (tmp_path / "no_model" / "tokenizer.json").write_text(json.dumps({}))
     with pytest.raises(ModelNotFoundError, match="tokenizer.model"):
@@ -181,14 +181,14 @@ def test_merge_errors(shared_data, tmp_path, merged):
     bogus = tmp_path / "bogus.model"
     bogus.write_bytes(b"not a sentencepiece model at all")
     with pytest.raises(MismatchError, match="not a SentencePiece model"):
-        merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), str(bogus), str(tmp_path / "o2"))
+        merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"), str(bogus), str(tmp_path / "o2"))
     assert not (tmp_path / "o2").exists()
     # a folder whose tokenizer.model is not the tokenizer its tokenizer.json describes
     odd = tmp_path / "odd"
     shutil.copytree(merged.output_dir, odd)
-    shutil.copy(shared_data / "chinese_sp.model", odd / "tokenizer.model")
+    shutil.copy(data_dir / "chinese_sp.model", odd / "tokenizer.model")
     with pytest.raises(MismatchError, match="not the same tokenizer"):
         merge_tokenizers(str(odd), extra, str(tmp_path / "o3"))
     with pytest.raises(OutputExistsError):
-        merge_tokenizers(str(shared_data / "llama_style_bpe_16k.model"), extra, str(merged.output_dir))
+        merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"), extra, str(merged.output_dir))
 

@@ -26,16 +26,16 @@ def lorakit(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline(shared_data, tiny_model_dir, tmp_path_factory):
+def pipeline(data_dir, tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("pipeline")
-    zh = json.loads((shared_data / "alpaca_zh_demo.json").read_text())
+    zh = json.loads((data_dir / "alpaca_zh_demo.json").read_text())
     corpus = work / "zh.txt"  # raw Chinese text, one document a line
     corpus.write_text("\n".join(r["output"].replace("\n", " ") for r in zh[:300]), encoding="utf-8")
 
-    out = lorakit("vocab", "train", "--input", str(shared_data / "alpaca_zh_demo.json"), "--vocab-size", "3000",
+    out = lorakit("vocab", "train", "--input", str(data_dir / "alpaca_zh_demo.json"), "--vocab-size", "3000",
                   "--output", str(work / "zh.model"), "--max-sentences", "1500")
     assert "3000 pieces" in out
-    report = lorakit("vocab", "merge", "--base-tokenizer", str(shared_data / "llama_style_bpe_16k.model"),
+    report = lorakit("vocab", "merge", "--base-tokenizer", str(data_dir / "llama_style_bpe_16k.model"),
                      "--extra-sp-model", str(work / "zh.model"), "--output-dir", str(work / "tokenizer"),
                      "--sample-text", str(corpus), "--max-sample-lines", "100")
     assert "same ids as before" in report
@@ -95,10 +95,10 @@ def test_merged_model_matches_peft(pipeline, tiny_model_dir):
     assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
 
 
-def test_instruction_tuning_on_top(pipeline, shared_data):
+def test_instruction_tuning_on_top(pipeline, data_dir):
     work, _ = pipeline
     data = work / "sft.json"
-    data.write_text(json.dumps(json.loads((shared_data / "alpaca_zh_demo.json").read_text())[:16],
+    data.write_text(json.dumps(json.loads((data_dir / "alpaca_zh_demo.json").read_text())[:16],
                                ensure_ascii=False))
     out = lorakit("finetune", "--base-model", str(work / "merged"), "--tokenizer", str(work / "tokenizer"),
                   "--data-path", str(data), "--output-dir", str(work / "sft"), "--batch-size", "4",

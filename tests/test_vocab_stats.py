@@ -14,12 +14,12 @@ def test_char_class():
     assert char_class("я") == "Cyrillic" and char_class("カ") == "Kana"
 
 
-def test_every_token_is_counted_once(shared_data):
+def test_every_token_is_counted_once(data_dir):
     from lorakit.models import load_tokenizer
 
     lines = ["Hello world, 2024!", "你好，世界。 mixed 中文 text", "  indented   code {x}", "😀 émoji"]
-    model = shared_data / "llama_style_bpe_16k.model"
-    views = [SentencePieceView(model), HFTokenizerView(load_tokenizer(shared_data, model, add_pad_token=False))]
+    model = data_dir / "llama_style_bpe_16k.model"
+    views = [SentencePieceView(model), HFTokenizerView(load_tokenizer(data_dir, model, add_pad_token=False))]
     for view in views:
         stats = measure(view, lines)
         assert stats.total_tokens == sum(len(view.encode(x)) for x in lines)
@@ -31,11 +31,11 @@ def test_every_token_is_counted_once(shared_data):
         assert stats.unk == 0
 
 
-def test_cli_table_matches_a_direct_count(shared_data, capsys):
+def test_cli_table_matches_a_direct_count(data_dir, capsys):
     import sentencepiece as spm
 
-    model = shared_data / "llama_style_bpe_16k.model"
-    main_args = ["vocab", "stats", "--tokenizer", str(model), "--text", str(shared_data / "alpaca_zh_demo.json"),
+    model = data_dir / "llama_style_bpe_16k.model"
+    main_args = ["vocab", "stats", "--tokenizer", str(model), "--text", str(data_dir / "alpaca_zh_demo.json"),
                  "--max-lines", "50"]
     try:
         main(main_args)
@@ -44,7 +44,7 @@ def test_cli_table_matches_a_direct_count(shared_data, capsys):
     out = capsys.readouterr().out
     from lorakit.vocab.corpus import read_text_lines
 
-    lines = read_text_lines([str(shared_data / "alpaca_zh_demo.json")], 50)
+    lines = read_text_lines([str(data_dir / "alpaca_zh_demo.json")], 50)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     expected = sum(len(sp.encode(x)) for x in lines) / sum(len(x) for x in lines)
     row = next(line for line in out.splitlines() if line.startswith("ALL"))

@@ -15,9 +15,9 @@ from lorakit.vocab.train import sample_sentences, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
-def zh_model(shared_data, tmp_path_factory):
+def zh_model(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("spm") / "zh.model"
-    cfg = VocabTrainConfig(input=[str(shared_data / "alpaca_zh_demo.json")], vocab_size=3000, output=str(out),
+    cfg = VocabTrainConfig(input=[str(data_dir / "alpaca_zh_demo.json")], vocab_size=3000, output=str(out),
                            max_sentences=1500)
     summary = train_sentencepiece(cfg, show_progress=False)
     return out, summary
@@ -56,7 +56,7 @@ def test_sample_sentences_is_uniform_and_reproducible():
     assert 450 < sum(kept) / len(kept) < 550
 
 
-def test_cli_errors_are_clear(shared_data, tmp_path):
+def test_cli_errors_are_clear(data_dir, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "lorakit", "vocab", "train", *args], capture_output=True,
                               text=True, timeout=120)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-SHARED_DATA = Path(os.environ.get("LORAKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The data files the tests read ship with the repository (data/README.md gives their provenance).
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 # A ChatML template (as SmolLM2 uses) so that `--prompt-template chat` works on tiny models.
 CHATML_TEMPLATE = (
@@ -27,7 +27,7 @@ def make_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, heads
 
     from lorakit.models import load_tokenizer
 
-    tok = load_tokenizer(path, SHARED_DATA / "llama_style_bpe_16k.model", add_pad_token=False)
+    tok = load_tokenizer(path, DATA_DIR / "llama_style_bpe_16k.model", add_pad_token=False)
     if chat:
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tok.eos_token = "<|im_end|>"
