@@ -135,7 +135,7 @@ def matmul_gflops(precision: str, rows: int = 768, hidden: int = 576, inner: int
     several times more with AMX."""
     import torch
 
-    from lorakit.train.precision import weights_dtype
+    from lorakit.precision import weights_dtype
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -43,7 +43,7 @@ def test_fused_packed_model_gives_transformers_logits(tmp_path, tied):
     summary = optimize_for_cpu(fast)
     layers = len(fast.model.layers)
     # per layer: attention, MLP and two norms fused; qkv, o, gate_up and down packed; + final norm, lm_head
-    from lorakit.train.precision import bf16_supported
+    from lorakit.precision import bf16_supported
 
     assert packing_works() or not bf16_supported()  # where bf16 is native (this CPU) packing must work
     packed = layers * 4 + 1 if packing_works() else 0

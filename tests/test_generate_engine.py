@@ -101,7 +101,7 @@ def test_auto_precision_is_bf16_where_native_and_decodes_like_hf_in_bf16(tiny_mo
     of HF generate on the same weights in bf16 (the dtype changes speed, not the decoding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.train.precision import bf16_supported
+    from lorakit.precision import bf16_supported
 
     e = Engine.load(EngineOptions(base_model=str(tiny_model_dir)))
     try:

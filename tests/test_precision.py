@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.train import precision as P
+from lorakit import precision as P
 
 
 @pytest.fixture

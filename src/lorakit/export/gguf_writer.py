@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.export.layout import (
+from lorakit.models.layout import (
     IGNORED_HF,
     check_llama_names,
     check_supported_config,

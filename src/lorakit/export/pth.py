@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError, ModelNotFoundError
-from lorakit.export.layout import (
+from lorakit.models.layout import (
     IGNORED_HF,
     check_supported_config,
     hf_config_from_meta,

@@ -32,7 +32,7 @@ def resolve_dtype(precision: str):
         # Decoding is memory-bound and bf16 weights halve the bytes read per token; measured on smollm2-135m,
         # 2 cores with AVX512-BF16: 28 vs 15 tokens/s at batch 1, 93 vs 70 at batch 8. Where bf16 is
         # emulated (no AVX512-BF16/AMX) it is slower than fp32.
-        from lorakit.train.precision import bf16_supported
+        from lorakit.precision import bf16_supported
 
         return torch.bfloat16 if bf16_supported() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

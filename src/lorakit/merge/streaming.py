@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.export.layout import check_llama_names
+from lorakit.models.layout import check_llama_names
 from lorakit.merge.adapters import LoraAdapter, open_adapter
 from lorakit.merge.safetensors_io import (
     BufferPool,

@@ -43,7 +43,7 @@ from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
-from lorakit.train.precision import resolve_precision
+from lorakit.precision import resolve_precision
 
 log = logging.getLogger("lorakit")
 ADAPTER_FILE = "adapter_model.safetensors"

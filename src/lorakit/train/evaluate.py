@@ -14,7 +14,7 @@ from lorakit.generate import GenerationParams, generate_batch
 from lorakit.models import load_model_and_tokenizer
 from lorakit.prompts import get_prompter
 from lorakit.train.config import EvalConfig
-from lorakit.train.precision import resolve_precision
+from lorakit.precision import resolve_precision
 
 
 @dataclass

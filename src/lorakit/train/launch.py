@@ -129,7 +129,7 @@ def resolve_nproc(cfg: Any) -> int:
 
     from lorakit.merge.safetensors_io import param_count
     from lorakit.models import resolve_model_dir
-    from lorakit.train.precision import resolve_precision
+    from lorakit.precision import resolve_precision
 
     try:
         model_dir = resolve_model_dir(cfg.base_model)
