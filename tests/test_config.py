@@ -74,7 +74,7 @@ def test_every_field_is_documented():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["merge", "--output-dir", "out"], "--lora-model"),
+    (["merge", "--output-dir", "out"], "--lora-weights"),
     (["infer", "--data-file", "in.jsonl"], "--output"),
     (["export", "--model", "m"], "--output"),
     (["pretrain"], "--data-path"),

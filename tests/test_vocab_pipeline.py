@@ -45,7 +45,7 @@ def pipeline(data_dir, tiny_model_dir, tmp_path_factory):
                   "--learning-rate", "1e-2", "--precision", "fp32", "--lora-target-modules", "q_proj,v_proj",
                   "--save-steps", "100")
     assert "done: 3 steps" in out
-    lorakit("merge", "--base-model", str(tiny_model_dir), "--lora-model", str(work / "pt"), "--output-dir",
+    lorakit("merge", "--base-model", str(tiny_model_dir), "--lora-weights", str(work / "pt"), "--output-dir",
             str(work / "merged"))
     return work, report
 

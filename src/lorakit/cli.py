@@ -52,13 +52,41 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+DESCRIPTION = """\
+lorakit teaches open language models (Llama, Mistral, Qwen, Gemma) new instructions and new
+languages with LoRA, on one GPU or none: fine-tune, use the result, merge it and export it.
+
+Every command has --help. Options are flags; a YAML file with the same keys may come first
+(`lorakit finetune my.yaml --lora-r 16`): flags win."""
+
+MAIN_FLOWS = """\
+main flows (the base model is a Hugging Face folder, a .gguf file or the alias smollm2-135m):
+
+  fine-tune, then use it
+    lorakit finetune --data-path data/alpaca_en_demo.json --output-dir out/sft --no-train-on-inputs
+    lorakit generate --lora-weights out/sft --instruction "Name three rivers."
+    lorakit serve --lora-weights out/sft          # OpenAI-compatible API on http://127.0.0.1:8000/v1
+
+  fine-tune, merge, export for llama.cpp / Ollama
+    lorakit merge --lora-weights out/sft --output-dir merged
+    lorakit export --model merged --format gguf --dtype q8_0 --output merged.q8_0.gguf
+
+  a new language: extend the vocabulary, continue pre-training, then fine-tune
+    lorakit vocab train --input zh.txt --vocab-size 20000 --output zh.model
+    lorakit vocab merge --base-tokenizer llama/ --extra-sp-model zh.model --output-dir llama-zh-tok
+    lorakit pretrain --base-model llama/ --tokenizer llama-zh-tok --data-path zh.txt --output-dir out/pt
+
+  try it in two minutes: lorakit demo"""
+
+
 def _load(ref: str) -> Any:
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="lorakit", description=DESCRIPTION, epilog=MAIN_FLOWS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorakit {_load('lorakit:__version__')}")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -70,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group = verbs.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             target = groups[words[0]]
-        sub = target.add_parser(words[-1], help=help_text, description=help_text,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # each flag's help states its default itself (config.add_dataclass_arguments)
+        sub = target.add_parser(words[-1], help=help_text, description=help_text)
         sub.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                          help="YAML file with options (same names as the flags); flags override it")
         add_dataclass_arguments(sub, _load(config_ref))

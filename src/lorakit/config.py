@@ -22,13 +22,16 @@ from lorakit.errors import ConfigError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = False, **kw: Any) -> Any:  # noqa: A002
+def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = False,  # noqa: A002
+        aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     """A dataclass field with a help text. Mutable defaults (lists) are copied per instance.
 
     `required=True` keeps an empty default (so option groups can still be combined by inheritance)
-    but makes `build_config` refuse the option when it is left empty.
+    but makes `build_config` refuse the option when it is left empty. `aliases` are other spellings
+    of the option (field-style names such as "lora_model"), accepted as flags and as YAML keys, so
+    users of alpaca-lora and Chinese-LLaMA each find the names they know.
     """
-    meta = {"help": help, "required": required}
+    meta = {"help": help, "required": required, "aliases": tuple(aliases)}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -63,8 +66,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if required or f.metadata.get("required"):
             help_text += " (required)"
-        else:
+        elif "default:" not in help_text:  # a help that explains its default itself keeps only that one
             help_text += f" (default: {default})"
+        if f.metadata.get("aliases"):
+            help_text += "; also " + ", ".join(flag_name(a) for a in f.metadata["aliases"])
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -78,7 +83,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["metavar"] = "PATH" if tp is Path or "path" in f.name or "dir" in f.name else "TEXT"
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {tp}")
-        parser.add_argument(flag_name(f.name), **kw)
+        spellings = [flag_name(f.name), *(flag_name(a) for a in f.metadata.get("aliases", ()))]
+        parser.add_argument(*spellings, **kw)
 
 
 def _coerce(cls: type, name: str, value: Any, tp: Any) -> Any:
@@ -122,8 +128,21 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _canonical_names(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Rename alias keys (e.g. `lora_model`) to their field's name; an option given twice is refused."""
+    alias_of = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = alias_of.get(key, key)
+        if name in out:
+            raise ConfigError(f"{source}: {flag_name(name)} is given twice (also as {flag_name(key)})")
+        out[name] = value
+    return out
+
+
 def build_config(cls: type[T], values: dict[str, Any], source: str = "options") -> T:
     """Instantiate `cls` from a dict (YAML and/or flags), checking names, types and required fields."""
+    values = _canonical_names(cls, values, source)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -146,6 +165,7 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "options") 
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, config_path: str | None = None) -> T:
     values: dict[str, Any] = load_yaml_config(config_path) if config_path else {}
+    values = _canonical_names(cls, values, str(config_path))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(namespace).items() if k in names})
     return build_config(cls, values, source=str(config_path or "options"))

@@ -12,6 +12,12 @@ from lorakit.errors import ConfigError
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+def adapter_option(help: str, required: bool = False) -> list[str]:  # noqa: A002
+    """The adapter flag, spelled the same on every verb: `--lora-weights` (alpaca-lora's name), with
+    `--lora-model` (Chinese-LLaMA-Alpaca's) accepted as an alias."""
+    return opt([], help, required=required, aliases=("lora_model",))
+
+
 @dataclass
 class ModelOptions:
     base_model: str = opt("smollm2-135m", "base model: a Hugging Face folder, a .gguf file, or the alias smollm2-135m")

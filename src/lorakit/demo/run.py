@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
 
 from lorakit.data import read_examples
 from lorakit.demo.config import DemoConfig
-from lorakit.demo.task import make_split, score
+from lorakit.demo.task import INSTRUCTION, make_split, score
 from lorakit.files import write_atomic
 from lorakit.models import load_model_and_tokenizer
 from lorakit.prompts import get_prompter
@@ -83,7 +84,11 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"  {ex['input']!r}: before {ex['before']!r}  after {ex['after']!r}  (expected {ex['expected']})")
     print(f"adapter: {adapter_dir}   loss plot: {adapter_dir / 'loss.png'}   report: {out / 'report.json'}")
     print("chat with it:")
-    print(f"  .venv/bin/lorakit generate --base-model {cfg.base_model} --lora-weights {adapter_dir} "
-          "--prompt-template chat --instruction 'Convert this date to ISO 8601 format (YYYY-MM-DD). "
-          "Answer with the date only.' --input 'July 4, 1976'")
+    print("  .venv/bin/" + shlex.join(chat_command(cfg, str(adapter_dir))))
     return 0
+
+
+def chat_command(cfg: DemoConfig, adapter_dir: str) -> list[str]:
+    """The command line the demo prints to try its adapter (tested to parse with the real CLI)."""
+    return ["lorakit", "generate", "--base-model", cfg.base_model, "--lora-weights", adapter_dir,
+            "--prompt-template", "chat", "--instruction", INSTRUCTION, "--input", "July 4, 1976"]

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision
+from lorakit.options import ModelOptions, Precision, adapter_option
 
 
 @dataclass
 class EngineOptions(ModelOptions):
-    lora_weights: list[str] = opt([], "LoRA adapter folder(s), applied in order; NAME=PATH names one (the "
-                                      "server selects adapters by name)")
+    lora_weights: list[str] = adapter_option("LoRA adapter folder(s), applied in order; NAME=PATH names one (the "
+                                             "server selects adapters by name)")
     prompt_template: str = opt("auto", "auto (the template the adapter was trained with, else the tokenizer's "
                                        "chat template if it has one, else alpaca), chat, alpaca, "
                                        "alpaca_short, alpaca_legacy, vigogne, chinese_alpaca or a .json path")

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lorakit.config import opt
+from lorakit.options import adapter_option
 
 
 @dataclass
 class MergeConfig:
     base_model: str = opt("smollm2-135m", "base model: a Hugging Face safetensors folder, a .gguf file or an alias")
-    lora_model: list[str] = opt([], "LoRA adapter folder(s), merged in the given order (comma list)", required=True)
+    lora_weights: list[str] = adapter_option("LoRA adapter folder(s), merged in the given order (comma list)",
+                                             required=True)
     output_dir: str = opt("", "folder for the merged model (written to a temporary folder, renamed at the end)",
                           required=True)
     output_type: Literal["huggingface", "pth"] = opt("huggingface", "huggingface (sharded safetensors) or pth "

@@ -99,9 +99,9 @@ def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type
 
 
 def run_merge(cfg: MergeConfig) -> int:
-    result = merge_model(cfg.base_model, cfg.lora_model, cfg.output_dir, cfg.output_type, cfg.dtype,
+    result = merge_model(cfg.base_model, cfg.lora_weights, cfg.output_dir, cfg.output_type, cfg.dtype,
                          cfg.max_shard_size, cfg.tokenizer, cfg.verify, cfg.overwrite)
-    print(f"merged {len(cfg.lora_model)} adapter(s) into {result.output_dir} "
+    print(f"merged {len(cfg.lora_weights)} adapter(s) into {result.output_dir} "
           f"({len(result.files)} weight file(s), vocab {result.vocab_size}) in {result.seconds:.1f}s")
     if result.verify is not None:
         print(f"verify: {result.verify.summary()}")  # type: ignore[attr-defined]

@@ -8,6 +8,8 @@ workers begin their own imports."""
 from __future__ import annotations
 
 import importlib
+import shlex
+from collections.abc import Callable
 from typing import Any
 
 from lorakit.train.config import FinetuneConfig
@@ -15,9 +17,9 @@ from lorakit.train.launch import relaunch_if_needed
 from lorakit.train.pretrain_config import PretrainConfig
 
 
-def _train_command(cfg: Any, verb: str, next_step: str) -> int:
+def _train_command(cfg: Any, verb: str, next_step: Callable[[Any, str], list[str]]) -> int:
     """Run `verb` (several processes under torchrun, or lorakit.train.<verb>.<verb>(cfg) here); rank 0
-    prints the summary and `next_step` with {out} as the adapter folder."""
+    prints the summary and the command line `next_step(cfg, adapter_folder)` to run next."""
     code = relaunch_if_needed(cfg, verb)
     if code is not None:
         return code
@@ -28,16 +30,25 @@ def _train_command(cfg: Any, verb: str, next_step: str) -> int:
     if is_main_process():
         print(summary.describe())
         print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")
-        print(next_step.format(out=summary.output_dir))
+        print("next:", shlex.join(next_step(cfg, str(summary.output_dir))))
     return 0
 
 
+def after_finetune(cfg: FinetuneConfig, adapter: str) -> list[str]:
+    """The command line printed after `finetune`: try the adapter (tested to parse with the real CLI)."""
+    return ["lorakit", "generate", "--base-model", cfg.base_model, "--lora-weights", adapter,
+            "--prompt-template", cfg.prompt_template, "--instruction", "Name three rivers."]
+
+
+def after_pretrain(cfg: PretrainConfig, adapter: str) -> list[str]:
+    """The command line printed after `pretrain`: merge the adapter (and its extended vocabulary) into the base."""
+    return ["lorakit", "merge", "--base-model", cfg.base_model, "--lora-weights", adapter,
+            "--output-dir", f"{adapter.rstrip('/')}-merged"]
+
+
 def run_finetune(cfg: FinetuneConfig) -> int:
-    return _train_command(cfg, "finetune",
-                          f"try it:  lorakit generate --base-model {cfg.base_model} --lora-weights {{out}} "
-                          f"--prompt-template {cfg.prompt_template} --instruction '...'")
+    return _train_command(cfg, "finetune", after_finetune)
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
-    return _train_command(cfg, "pretrain",
-                          f"merge it: lorakit merge --base-model {cfg.base_model} --lora-weights {{out}} ...")
+    return _train_command(cfg, "pretrain", after_pretrain)

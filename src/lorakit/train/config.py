@@ -7,7 +7,7 @@ from typing import Literal
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision, PromptDataOptions
+from lorakit.options import ModelOptions, Precision, PromptDataOptions, adapter_option
 
 
 @dataclass
@@ -78,7 +78,7 @@ class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, ModelOptions)
 
 @dataclass
 class EvalConfig(PromptDataOptions, ModelOptions):
-    lora_weights: list[str] = opt([], "adapter folder(s) to apply, in order")
+    lora_weights: list[str] = adapter_option("adapter folder(s) to apply, in order")
     micro_batch_size: int = opt(8, "examples per forward pass")
     exact_match: bool = opt(False, "also generate answers and report exact-match accuracy against the outputs")
     max_new_tokens: int = opt(64, "generation length for --exact-match")
