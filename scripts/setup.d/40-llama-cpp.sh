@@ -32,7 +32,7 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$(cpu_flag avx) -DGGML_AVX2=$(cpu_flag 
 -DGGML_F16C=$(cpu_flag f16c) -DGGML_AVX512=$(cpu_flag avx512f) -DGGML_AVX512_VNNI=$(cpu_flag avx512_vnni) \
 -DGGML_AVX512_BF16=$(cpu_flag avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-  "$PY" -m pip install --disable-pip-version-check --quiet --no-cache-dir --force-reinstall --no-deps \
+  "$PY" -m pip install --disable-pip-version-check --quiet --no-cache-dir --force-reinstall --no-deps -c constraints.txt \
   "llama-cpp-python==$VERSION"
 # Runtime deps of llama_cpp (numpy, typing-extensions, diskcache, jinja2) without touching torch & co.
-"$PY" -m pip install --disable-pip-version-check --quiet "diskcache>=5.6.1" "jinja2>=2.11.3" numpy typing-extensions
+"$PY" -m pip install --disable-pip-version-check --quiet -c constraints.txt "diskcache>=5.6.1" "jinja2>=2.11.3" numpy typing-extensions
