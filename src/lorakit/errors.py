@@ -51,3 +51,13 @@ class DataErrors(LorakitError):
 
 class OutputExistsError(LorakitError):
     """The output location already holds something and `--overwrite` was not given."""
+
+
+class DamagedFileError(LorakitError):
+    """A file lorakit reads is missing, empty, truncated, corrupt or not the kind of file it should be.
+
+    The message is one line: the file, what is wrong with it, and what to do."""
+
+    def __init__(self, path: str | Path, problem: str, advice: str = ""):
+        super().__init__(f"{path}: {problem}" + (f"; {advice}" if advice else ""))
+        self.path, self.problem, self.advice = str(path), problem, advice

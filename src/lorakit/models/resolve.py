@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lorakit.errors import ModelNotFoundError
+from lorakit.models.validate import validate_model_dir
 
 log = logging.getLogger("lorakit")
 
@@ -65,6 +66,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         return gguf_to_hf_dir(path)
     tried.append(f"GGUF file {path} ({'not a .gguf file' if path.is_file() else 'no such file'})")
     if is_hf_model_dir(path):
+        validate_model_dir(path)  # config, weight headers, tokenizer files: damaged ones refused here
         return path
     tried.append(f"Hugging Face folder {path} ({'no config.json in it' if path.is_dir() else 'no such folder'})")
     tried.append(f"built-in aliases: {', '.join(ALIASES)}")
@@ -75,6 +77,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
 def resolve_adapter_dir(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file():
+        from lorakit.models.adapter_check import validate_adapter_dir
+
+        validate_adapter_dir(p)
         return p
     raise ModelNotFoundError(str(path), [f"PEFT adapter folder {p} (needs adapter_config.json)"])
 
@@ -90,6 +95,9 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if is_hf_model_dir(target):
         return target
+    from lorakit.models.headers import gguf_header
+
+    gguf_header(gguf)  # a truncated or foreign file is refused before transformers parses it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, target)
