@@ -99,7 +99,8 @@ def test_resume_last_skips_incomplete_and_refuses_them_by_name(straight, tiny_mo
     assert err == [f"error: --resume-from-checkpoint {out / 'checkpoint-4'}: incomplete checkpoint: optimizer.pt "
                    "is missing; resume from an earlier checkpoint (or 'last', which skips incomplete ones)"]
     assert run_cli(*argv, "--resume-from-checkpoint", out / "checkpoint-5") == 2
-    assert "trainer_state.json, adapter_model.safetensors, optimizer.pt, scheduler.pt missing" in capsys.readouterr().err
+    missing = "trainer_state.json, adapter_model.safetensors, optimizer.pt, scheduler.pt missing"
+    assert missing in capsys.readouterr().err
 
     with caplog.at_level(logging.WARNING, logger="lorakit"):
         assert run_cli(*argv, "--resume-from-checkpoint", "last") == 0
