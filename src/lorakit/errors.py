@@ -20,7 +20,8 @@ class ModelNotFoundError(LorakitError):
 
     def __init__(self, name: str, tried: list[str]):
         lines = "\n".join(f"  - {t}" for t in tried)
-        super().__init__(f"model {name!r} not found. Tried:\n{lines}")
+        super().__init__(f"{name}: not found ({tried[0]})" if len(tried) == 1 else
+                         f"model {name!r} not found. Tried:\n{lines}")
         self.name, self.tried = name, tried
 
 

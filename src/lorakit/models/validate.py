@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,6 @@ INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 # config.json fields every causal LM family lorakit handles has (in text_config for multimodal ones)
 _REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 _OPTIONAL_INTS = ("num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim")
-# linear layers whose input (in) or output (out) side is the hidden size, in every LLaMA-like family
-_HIDDEN_IN = re.compile(r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight")
-_HIDDEN_OUT = re.compile(r".*\.(o_proj|down_proj)\.weight")
-_NORM = re.compile(r"(.*layernorm|model\.norm)\.weight")
 
 
 def read_json_object(path: Path, what: str, advice: str = REDOWNLOAD) -> dict[str, Any]:
@@ -78,6 +73,12 @@ def check_model_config(path: Path) -> dict[str, Any]:
 def weight_shapes(folder: Path) -> dict[str, list[int]] | None:
     """{tensor name: shape} of the folder's safetensors weights, every file checked; None for a
     folder with PyTorch .bin weights only (checked to be zip archives, as torch.save writes them)."""
+    files = weight_files(folder)
+    return None if files is None else {name: shape for name, (_, shape) in files.items()}
+
+
+def weight_files(folder: Path) -> dict[str, tuple[Path, list[int]]] | None:
+    """{tensor name: (file, shape)}: `weight_shapes` with the file each tensor is in."""
     index = folder / INDEX_NAME
     if index.is_file():
         data = read_json_object(index, "a safetensors index")
@@ -86,20 +87,20 @@ def weight_shapes(folder: Path) -> dict[str, list[int]] | None:
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
             raise DamagedFileError(index, "field 'weight_map' must be a non-empty object of tensor name -> file",
                                    REDOWNLOAD)
-        shapes: dict[str, list[int]] = {}
+        shapes: dict[str, tuple[Path, list[int]]] = {}
         for fname in sorted(set(weight_map.values())):
             shard = folder / fname
             if not shard.is_file():
-                raise DamagedFileError(index, f"names the shard {fname}, which is missing from {folder}",
+                raise DamagedFileError(index, f"names the shard {shard}, which is missing",
                                        "download the missing shard")
-            shapes.update({n: s for n, (_, s) in safetensors_header(shard).items()})
+            shapes.update({n: (shard, s) for n, (_, s) in safetensors_header(shard).items()})
         for name, fname in weight_map.items():
             if name not in shapes:
                 raise DamagedFileError(folder / fname, f"lacks tensor {name!r} that {INDEX_NAME} places in it",
                                        REDOWNLOAD)
         return shapes
     if (folder / SINGLE_NAME).exists():
-        return {n: s for n, (_, s) in safetensors_header(folder / SINGLE_NAME).items()}
+        return {n: (folder / SINGLE_NAME, s) for n, (_, s) in safetensors_header(folder / SINGLE_NAME).items()}
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         for b in bins:
@@ -111,23 +112,31 @@ def weight_shapes(folder: Path) -> dict[str, list[int]] | None:
                                                  f"({SINGLE_NAME} or {INDEX_NAME})", REDOWNLOAD)
 
 
-def check_shapes_match_config(folder: Path, shapes: dict[str, list[int]], config: dict[str, Any]) -> None:
-    """The hidden and vocabulary sides of the weights agree with config.json (wrong-shape tensors)."""
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    for name, shape in shapes.items():
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            want = [vocab, hidden]
-        elif _NORM.fullmatch(name):
-            want = [hidden]
-        elif _HIDDEN_IN.fullmatch(name) and len(shape) == 2:
-            want = [shape[0], hidden]
-        elif _HIDDEN_OUT.fullmatch(name) and len(shape) == 2:
-            want = [hidden, shape[1]]
-        else:
-            continue
-        if shape != want:
-            raise DamagedFileError(folder, f"tensor {name} has shape {shape} but config.json (hidden_size "
-                                           f"{hidden}, vocab_size {vocab}) implies {want}",
+def expected_shapes(config: dict[str, Any]) -> dict[str, list[int]]:
+    """Shape of each LLaMA-like weight (by the last parts of its name) that config.json implies."""
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, (config.get("num_key_value_heads") or heads) * head_dim
+    shapes = {"embed_tokens.weight": [vocab, hidden], "lm_head.weight": [vocab, hidden], "norm.weight": [hidden],
+              "input_layernorm.weight": [hidden], "post_attention_layernorm.weight": [hidden],
+              "q_proj.weight": [q, hidden], "k_proj.weight": [kv, hidden], "v_proj.weight": [kv, hidden],
+              "o_proj.weight": [hidden, q]}
+    inter = config.get("intermediate_size")
+    if isinstance(inter, int):
+        shapes.update({"gate_proj.weight": [inter, hidden], "up_proj.weight": [inter, hidden],
+                       "down_proj.weight": [hidden, inter]})
+    return shapes
+
+
+def check_shapes_match_config(files: dict[str, tuple[Path, list[int]]], config: dict[str, Any]) -> None:
+    """The weights have the shapes config.json implies (hidden, vocabulary, heads, MLP sizes)."""
+    expected = expected_shapes(config)
+    for name, (path, shape) in files.items():
+        if any(part.startswith(("vision", "audio", "multi_modal", "mm_")) for part in name.split(".")):
+            continue  # a multimodal model's encoders have sizes of their own
+        want = expected.get(".".join(name.split(".")[-2:]))
+        if want is not None and shape != want:
+            raise DamagedFileError(path, f"tensor {name} has shape {shape} but config.json implies {want}",
                                    "the weights and config.json come from different models; download both again")
 
 
@@ -135,11 +144,11 @@ def validate_model_dir(folder: Path) -> dict[str, list[int]] | None:
     """Check config.json, the weights' headers and the tokenizer files of an HF model folder;
     return the weights' shapes (None for .bin weights). Reads no tensor."""
     config = check_model_config(folder / "config.json")
-    shapes = weight_shapes(folder)
-    if shapes is not None:
-        check_shapes_match_config(folder, shapes, config)
+    files = weight_files(folder)
+    if files is not None:
+        check_shapes_match_config(files, config)
     validate_tokenizer(folder, required=False)
-    return shapes
+    return None if files is None else {name: shape for name, (_, shape) in files.items()}
 
 
 def validate_tokenizer(source: Path, required: bool = True) -> None:
@@ -156,6 +165,8 @@ def validate_tokenizer(source: Path, required: bool = True) -> None:
             _check_sentencepiece(source)
         return
     if not source.is_dir():
+        if source.suffix in (".model", ".gguf", ".json"):  # a tokenizer file named explicitly
+            nonempty_size(source, "a tokenizer file")
         return  # not found: the loader reports what it tried
     found = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json") if (source / n).is_file()]
     if required and not found:
@@ -170,7 +181,35 @@ def validate_tokenizer(source: Path, required: bool = True) -> None:
             read_json_object(source / name, f"a {name}", "restore it from the model's download")
 
 
+# files already parsed by their library, by identity: a verb resolves its model several times
+_PARSED: set[tuple[str, int, int, int]] = set()
+
+
+def _already_parsed(path: Path) -> bool:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PARSED:
+        return True
+    _PARSED.add(key)  # removed again below if the parse fails
+    return False
+
+
+def _forget(path: Path) -> None:
+    st = path.stat()
+    _PARSED.discard((str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 def _check_tokenizer_json(path: Path) -> None:
+    if path.is_file() and _already_parsed(path):
+        return
+    try:
+        _parse_tokenizer_json(path)
+    except DamagedFileError:
+        _forget(path)
+        raise
+
+
+def _parse_tokenizer_json(path: Path) -> None:
     read_json_object(path, "a tokenizer.json")
     from tokenizers import Tokenizer
 
@@ -182,6 +221,16 @@ def _check_tokenizer_json(path: Path) -> None:
 
 
 def _check_sentencepiece(path: Path) -> None:
+    if path.is_file() and _already_parsed(path):
+        return
+    try:
+        _parse_sentencepiece(path)
+    except DamagedFileError:
+        _forget(path)
+        raise
+
+
+def _parse_sentencepiece(path: Path) -> None:
     nonempty_size(path, "a SentencePiece model")
     import sentencepiece as spm
 
@@ -192,3 +241,11 @@ def _check_sentencepiece(path: Path) -> None:
     if importlib.util.find_spec("google.protobuf") is None:  # transformers 5 reads .model through protobuf
         raise DamagedFileError(path, "reading a SentencePiece tokenizer.model needs the protobuf package",
                                "pip install protobuf")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    # pieces are serialized first, the specs after them: a file cut at a piece boundary still parses
+    if not (proto.HasField("trainer_spec") and proto.HasField("normalizer_spec")):
+        raise DamagedFileError(path, "truncated: a SentencePiece model without its trainer/normalizer settings",
+                               REDOWNLOAD)
