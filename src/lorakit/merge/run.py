@@ -33,14 +33,12 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
     from tqdm import tqdm
 
     from lorakit.models import check_vocab_rows, load_tokenizer, resolve_adapter_dir, resolve_model_dir
-    from lorakit.models.adapter_check import check_adapters_fit_base
 
     start = time.perf_counter()
     out = Path(output_dir).expanduser()
     check_output_dir(out, overwrite)  # fail before any work
     base_dir = resolve_model_dir(base_model)
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
-    check_adapters_fit_base(adapter_dirs, base_dir)  # one line naming the adapter file, from headers
     plan = plan_merge(base_dir, adapter_dirs, dtype)
     tok_source: Path | None = tokenizer_source(tokenizer, adapter_dirs, base_dir)
     if tok_source is not None and (tokenizer or has_tokenizer(tok_source)):

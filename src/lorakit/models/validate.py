@@ -210,12 +210,13 @@ def _check_tokenizer_json(path: Path) -> None:
 
 
 def _parse_tokenizer_json(path: Path) -> None:
-    read_json_object(path, "a tokenizer.json")
+    nonempty_size(path, "a tokenizer.json")
     from tokenizers import Tokenizer
 
     try:
         Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust library raises plain Exception
+    except Exception as e:  # the Rust library raises plain Exception; say first if it is not even JSON
+        read_json_object(path, "a tokenizer.json")
         raise DamagedFileError(path, f"not a tokenizer.json the tokenizers library can read ({e})",
                                REDOWNLOAD) from None
 
