@@ -40,3 +40,12 @@ def tiny_alpaca_json(data_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "alpaca64.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the size of the damaged-file fuzz suite (tests/test_bad_files.py) when it ran."""
+    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
+               if "test_bad_files.py::test_damaged_file[" in getattr(r, "nodeid", "") and r.when == "call"]
+    if reports:
+        failed = sum(r.failed for r in reports)
+        terminalreporter.write_line(f"damaged-file fuzz suite: {len(reports)} cases, {failed} failed")

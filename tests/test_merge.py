@@ -176,7 +176,7 @@ def test_refusals_write_nothing(bases, tmp_path):
     bad = tmp_path / "binbase"
     bad.mkdir()
     (bad / "config.json").write_text((small / "config.json").read_text())
-    (bad / "pytorch_model.bin").write_bytes(b"x")
+    torch.save({}, bad / "pytorch_model.bin")  # a readable .bin (a damaged one is refused as such, earlier)
     with pytest.raises(ModelNotFoundError, match="safetensors"):
         merge_model(str(bad), [str(adapter)], tmp_path / "out")
     renamed = tmp_path / "renamed"

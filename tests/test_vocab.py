@@ -8,7 +8,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from lorakit.errors import MismatchError, ModelNotFoundError, OutputExistsError
+from lorakit.errors import DamagedFileError, MismatchError, ModelNotFoundError, OutputExistsError
 from lorakit.vocab.corpus import read_text_lines
 from lorakit.vocab.merge import covered_chars, load_proto, merge_tokenizers
 from lorakit.vocab.report import check_merge
@@ -180,7 +180,7 @@ def test_merge_errors(data_dir, tmp_path, merged):
         merge_tokenizers(str(tmp_path / "no_model"), extra, str(tmp_path / "o1"))
     bogus = tmp_path / "bogus.model"
     bogus.write_bytes(b"not a sentencepiece model at all")
-    with pytest.raises(MismatchError, match="not a SentencePiece model"):
+    with pytest.raises(DamagedFileError, match="bogus.model: not a SentencePiece model"):
         merge_tokenizers(str(data_dir / "llama_style_bpe_16k.model"), str(bogus), str(tmp_path / "o2"))
     assert not (tmp_path / "o2").exists()
     # a folder whose tokenizer.model is not the tokenizer its tokenizer.json describes

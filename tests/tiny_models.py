@@ -43,3 +43,22 @@ def make_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, heads
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_tiny_adapter(model_dir: Path, path: Path, *, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
+                      seed: int = 0) -> Path:
+    """Save a PEFT LoRA adapter for the model in `model_dir` with random (non-zero) A and B (< 1 s)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(path)
+    return path

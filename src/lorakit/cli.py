@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description=DESCRIPTION, epilog=MAIN_FLOWS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorakit {_load('lorakit:__version__')}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also "
+                        "LORAKIT_DEBUG=1); accepted anywhere on the command line")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, (config_ref, _, help_text) in COMMANDS.items():
@@ -110,17 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LORAKIT_LOG_LEVEL", "INFO"), format="[lorakit] %(message)s",
                         stream=sys.stderr)
+    from lorakit.crash import debug_requested, report_internal_error
+
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))  # --debug: anywhere
     args = build_parser().parse_args(argv)
     config_ref, run_ref, _ = COMMANDS[args._command]
+    cfg = None
     try:
         cfg = config_from_args(_load(config_ref), args, args.config)
         code = _load(run_ref)(cfg)
     except LorakitError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a bug or a library failure: one line, the traceback in a log file
+        sys.exit(report_internal_error(args._command, e, cfg, debug))
     sys.exit(code or 0)
 
 

@@ -120,9 +120,14 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a YAML config (not UTF-8 text)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not text.strip():
+        raise ConfigError(f"{p}: empty config file (write the options as `name: value` lines)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a config must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -167,8 +172,15 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, config_path: s
     values: dict[str, Any] = load_yaml_config(config_path) if config_path else {}
     values = _canonical_names(cls, values, str(config_path))
     names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(namespace).items() if k in names})
-    return build_config(cls, values, source=str(config_path or "options"))
+    flags = {k: v for k, v in vars(namespace).items() if k in names}
+    from_file = set(values) - set(flags)
+    values.update(flags)
+    try:
+        return build_config(cls, values, source=str(config_path or "options"))
+    except ConfigError as e:  # name the YAML file when one of its values is the bad one
+        if config_path and str(config_path) not in str(e) and any(flag_name(k) in str(e) for k in from_file):
+            raise ConfigError(f"{config_path}: {e}") from None
+        raise
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,7 +20,8 @@ class ModelNotFoundError(LorakitError):
 
     def __init__(self, name: str, tried: list[str]):
         lines = "\n".join(f"  - {t}" for t in tried)
-        super().__init__(f"model {name!r} not found. Tried:\n{lines}")
+        super().__init__(f"{name}: not found ({tried[0]})" if len(tried) == 1 else
+                         f"model {name!r} not found. Tried:\n{lines}")
         self.name, self.tried = name, tried
 
 
@@ -51,3 +52,13 @@ class DataErrors(LorakitError):
 
 class OutputExistsError(LorakitError):
     """The output location already holds something and `--overwrite` was not given."""
+
+
+class DamagedFileError(LorakitError):
+    """A file lorakit reads is missing, empty, truncated, corrupt or not the kind of file it should be.
+
+    The message is one line: the file, what is wrong with it, and what to do."""
+
+    def __init__(self, path: str | Path, problem: str, advice: str = ""):
+        super().__init__(f"{path}: {problem}" + (f"; {advice}" if advice else ""))
+        self.path, self.problem, self.advice = str(path), problem, advice

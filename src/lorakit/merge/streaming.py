@@ -71,6 +71,12 @@ def _out_dtype(requested: str, base_dtype: torch.dtype) -> torch.dtype:
     return getattr(torch, requested)
 
 
+def _weights_file(a: LoraAdapter) -> Path:
+    """The adapter file a message names (its safetensors, or an old adapter_model.bin)."""
+    st = a.path / "adapter_model.safetensors"
+    return st if st.is_file() else a.path / "adapter_model.bin"
+
+
 def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "auto") -> MergePlan:
     """Check the adapters against the base (headers only) and plan the merged checkpoint.
 
@@ -99,21 +105,21 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
             ops[HEAD], shapes[HEAD], src_dtype[HEAD] = list(ops[EMBED]), list(shapes[EMBED]), src_dtype[EMBED]
         for name in a.replace:
             if name not in shapes:
-                raise MismatchError(f"adapter {a.path} saves a full {name!r} but the base model "
+                raise MismatchError(f"adapter {_weights_file(a)} saves a full {name!r} but the base model "
                                     f"{base_dir} has no such tensor (made for another architecture?)")
             new = a.replacement_shape(name)
             if new[1:] != shapes[name][1:] or (name not in (EMBED, HEAD) and new != shapes[name]):
-                raise MismatchError(f"adapter {a.path}: saved {name} has shape {new} but the base's is "
+                raise MismatchError(f"adapter {_weights_file(a)}: saved {name} has shape {new} but the base's is "
                                     f"{shapes[name]} (made for another model size?)")
             shapes[name] = new
             ops[name].append(("replace", i, name))
         for name in a.lora:
             target = name
             if target not in shapes:
-                raise MismatchError(f"adapter {a.path} targets {name.removesuffix('.weight')!r} which the base "
-                                    f"model {base_dir} does not have (made for another architecture?)")
+                raise MismatchError(f"adapter {_weights_file(a)} targets {name.removesuffix('.weight')!r} which "
+                                    f"the base model {base_dir} does not have (made for another architecture?)")
             if a.delta_shape(name) != shapes[target]:
-                raise MismatchError(f"adapter {a.path}: LoRA of {name.removesuffix('.weight')} gives a "
+                raise MismatchError(f"adapter {_weights_file(a)}: LoRA of {name.removesuffix('.weight')} gives a "
                                     f"{a.delta_shape(name)} update but the weight is {shapes[target]} "
                                     "(made for another model size, or a vocabulary it does not carry?)")
             ops[target].append(("lora", i, name))

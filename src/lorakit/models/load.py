@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorakit.errors import MismatchError, ModelNotFoundError
+from lorakit.models.adapter_check import check_adapters_fit_base
 from lorakit.models.resolve import resolve_adapter_dir, resolve_model_dir
+from lorakit.models.validate import validate_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +33,7 @@ def load_tokenizer(model_dir: str | os.PathLike[str], tokenizer: str | os.PathLi
     from transformers import AutoTokenizer
 
     source = Path(tokenizer).expanduser() if tokenizer else Path(model_dir)
+    validate_tokenizer(source, required=bool(tokenizer) or source.is_dir())
     if source.is_file() and source.suffix == ".model":
         tok = load_sentencepiece_tokenizer(source)
     elif source.is_dir() and (source / "tokenizer.model").is_file() and not (source / "tokenizer.json").is_file():
@@ -201,6 +204,7 @@ def load_model_and_tokenizer(base_model: str, tokenizer: str | None = None, adap
     base model's; extended-vocabulary adapters resize the embeddings before loading.
     """
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
+    check_adapters_fit_base(adapter_dirs, resolve_model_dir(base_model))  # headers only, before any loading
     tok = load_tokenizer(resolve_model_dir(base_model), tokenizer or adapter_tokenizer_dir(adapter_dirs),
                          add_pad_token=False)
     pad_added = ensure_pad_token(tok)

@@ -17,7 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorakit.errors import ModelNotFoundError
+from lorakit.errors import DamagedFileError, ModelNotFoundError
+from lorakit.models.validate import validate_model_dir
 
 log = logging.getLogger("lorakit")
 
@@ -63,8 +64,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_dir(path)
+    if path.suffix == ".gguf" and not path.exists():
+        raise DamagedFileError(path, "no such GGUF file", "check the path")
+    if path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        raise DamagedFileError(path / "config.json", f"missing: {path} has weights but no config.json",
+                               "download config.json again with the weights")
     tried.append(f"GGUF file {path} ({'not a .gguf file' if path.is_file() else 'no such file'})")
     if is_hf_model_dir(path):
+        validate_model_dir(path)  # config, weight headers, tokenizer files: damaged ones refused here
         return path
     tried.append(f"Hugging Face folder {path} ({'no config.json in it' if path.is_dir() else 'no such folder'})")
     tried.append(f"built-in aliases: {', '.join(ALIASES)}")
@@ -75,7 +82,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
 def resolve_adapter_dir(path: str | os.PathLike[str]) -> Path:
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file():
+        from lorakit.models.adapter_check import validate_adapter_dir
+
+        validate_adapter_dir(p)
         return p
+    if any((p / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
+        raise DamagedFileError(p / "adapter_config.json", f"missing: {p} has adapter weights but no "
+                               "adapter_config.json", "copy the whole adapter folder again")
     raise ModelNotFoundError(str(path), [f"PEFT adapter folder {p} (needs adapter_config.json)"])
 
 
@@ -90,6 +103,9 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     target = _gguf_cache_dir(gguf)
     if is_hf_model_dir(target):
         return target
+    from lorakit.models.headers import gguf_header
+
+    gguf_header(gguf)  # a truncated or foreign file is refused before transformers parses it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, target)

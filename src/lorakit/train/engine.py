@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from lorakit.config import save_yaml
 from lorakit.data.balance import BalancedOrder
@@ -39,6 +38,12 @@ from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.precision import resolve_precision
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
+from lorakit.train.checkpoints import (
+    CompleteCheckpoints,
+    check_checkpoint,
+    is_checkpoint_dir,
+    latest_complete_checkpoint,
+)
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
@@ -124,14 +129,11 @@ def _resume_target(cfg: TrainOptions) -> tuple[str | None, str | None]:
     spec = cfg.resume_from_checkpoint
     if not spec:
         return None, None
-    if spec in ("last", "latest", "true", "True"):
-        last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"--resume-from-checkpoint {spec}: no checkpoint-* folder in {cfg.output_dir}")
-        return last, None
+    if spec in ("last", "latest", "true", "True"):  # the newest complete one (checkpoints.py)
+        return latest_complete_checkpoint(cfg.output_dir, spec), None
     path = Path(spec)
-    if (path / "trainer_state.json").is_file():
-        return str(path), None
+    if is_checkpoint_dir(path) or (path / "trainer_state.json").is_file():
+        return check_checkpoint(path), None
     if (path / "adapter_config.json").is_file():
         return None, str(path)
     raise ConfigError(f"--resume-from-checkpoint {spec}: neither a trainer checkpoint (trainer_state.json) "
@@ -184,7 +186,7 @@ def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, 
     tmp.rmdir()
 
 
-class _Trainer(Trainer):
+class _Trainer(CompleteCheckpoints, Trainer):
     """HF Trainer counting the tokens seen as it does ("non_padding"), but gathering the count of all
     processes once per optimizer step instead of after every micro-batch: each gather is a point where
     the processes wait for each other, and after the last micro-batch of a step the gradients'

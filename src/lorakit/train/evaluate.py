@@ -65,10 +65,10 @@ def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     precision = resolve_precision(cfg.precision)
+    examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)  # data problems before loading
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,
                                                 dtype=precision, merge=True)
     prompter = get_prompter(cfg.prompt_template, tokenizer)
-    examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)
     if cfg.limit:
         examples = examples[: cfg.limit]
     features = tokenize_examples(examples, prompter, tokenizer, cfg.cutoff_len, cfg.train_on_inputs,

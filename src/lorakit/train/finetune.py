@@ -34,14 +34,13 @@ def split_validation(features: Sequence[Features], val_set_size: int, seed: int)
 def finetune(cfg: FinetuneConfig) -> TrainSummary:
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
-    tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
-    pad_added = ensure_pad_token(tokenizer)
-    prompter = get_prompter(cfg.prompt_template, tokenizer)
-
-    # All data problems surface before the (slow) model load.
+    # All data problems surface before the (slow) tokenizer and model loads.
     examples, skipped = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)
     if skipped:
         log.warning("skipped %d invalid record(s); first: %s", len(skipped), skipped[0])
+    tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
+    pad_added = ensure_pad_token(tokenizer)
+    prompter = get_prompter(cfg.prompt_template, tokenizer)
     features = tokenize_examples(examples, prompter, tokenizer, cfg.cutoff_len, cfg.train_on_inputs,
                                  cfg.add_eos_token)
     if len(features) < len(examples):

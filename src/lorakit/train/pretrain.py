@@ -88,12 +88,11 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
 
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
-    tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
-
-    # Data problems surface before the (slow) model load.
+    # Data problems surface before the (slow) tokenizer and model loads.
     documents = read_text_documents(cfg.data_path)
     if not documents:
         raise DataError(cfg.data_path, None, None, "no non-empty documents")
+    tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
     stream = tokenize_documents(documents, tokenizer)
     blocks = make_blocks(stream, cfg.block_size)
     if not blocks:

@@ -38,6 +38,9 @@ def load_proto(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():
         raise ModelNotFoundError(str(path), [f"SentencePiece model file {p}"])
+    from lorakit.models.validate import validate_tokenizer
+
+    validate_tokenizer(p)  # a damaged file: one line naming it
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(p.read_bytes())

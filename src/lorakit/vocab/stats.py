@@ -106,6 +106,9 @@ def load_view(spec: str) -> SentencePieceView | HFTokenizerView:
     from lorakit.models import load_tokenizer
 
     if spec.endswith(".model") and Path(spec).is_file():
+        from lorakit.models.validate import validate_tokenizer
+
+        validate_tokenizer(Path(spec))  # a damaged file: one line naming it
         return SentencePieceView(spec, name=spec)
     return HFTokenizerView(load_tokenizer(spec, add_pad_token=False), name=spec)
 
