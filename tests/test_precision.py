@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.errors import ConfigError
 from lorakit import precision as P
+from lorakit.errors import ConfigError
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
+from lorakit.formats.safetensors_io import SafetensorsFolder
 from lorakit.models.layout import (
     IGNORED_HF,
     check_llama_names,
@@ -26,7 +27,6 @@ from lorakit.models.layout import (
     rope_theta,
     rotary_heads,
 )
-from lorakit.merge.safetensors_io import SafetensorsFolder
 
 if TYPE_CHECKING:
     import numpy as np

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.checkpoint.verify import VerifyResult
 from lorakit.export.config import ExportConfig
-from lorakit.export.verify import VerifyResult
 
 log = logging.getLogger("lorakit")
 
@@ -23,7 +23,7 @@ class ExportResult:
 def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16", verify: bool = True,
                  overwrite: bool = False) -> ExportResult:
     """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically."""
-    from lorakit.merge.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
+    from lorakit.checkpoint.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
     from lorakit.models import resolve_model_dir
 
     start = time.perf_counter()
@@ -40,8 +40,8 @@ def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16",
     else:
         import json
 
-        from lorakit.export.pth import write_pth
-        from lorakit.merge.safetensors_io import SafetensorsFolder, iter_tensors
+        from lorakit.checkpoint.pth import write_pth
+        from lorakit.formats.safetensors_io import SafetensorsFolder, iter_tensors
 
         config = json.loads((src / "config.json").read_text())
         with atomic_dir(out, overwrite) as tmp:
@@ -60,7 +60,7 @@ def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16",
 
 
 def _vocab_rows(src: Path) -> int:
-    from lorakit.merge.safetensors_io import SafetensorsFolder
+    from lorakit.formats.safetensors_io import SafetensorsFolder
 
     return SafetensorsFolder(src).shape("model.embed_tokens.weight")[0]
 
@@ -70,8 +70,8 @@ def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult | None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export.verify import round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.verify import round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
     return round_trip(f"GGUF {outtype}", param_count(src), _vocab_rows(src), outtype,
@@ -84,9 +84,9 @@ def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
     """Logits of lorakit's pth reader on the written folder vs the source HF model."""
     import torch
 
-    from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.pth import load_pth_model
+    from lorakit.checkpoint.verify import round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
     return round_trip("pth", param_count(src), _vocab_rows(src), {"bf16": "bf16", "f16": "f16"}.get(outtype, "f32"),

@@ -4,7 +4,8 @@
 - `Engine`: model + adapters + prompt template loaded once, a batching worker, streaming.
 """
 
-from lorakit.generate.engine import GenerationParams, Request, generate_batch, run_batch
+from lorakit.generate.batch import generate_batch, run_batch
+from lorakit.generate.params import GenerationParams, Request
 from lorakit.generate.runner import Engine, PromptTooLongError, TextStream, UnknownModelError
 
 __all__ = ["Engine", "GenerationParams", "PromptTooLongError", "Request", "TextStream", "UnknownModelError",

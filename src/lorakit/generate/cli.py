@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from lorakit.generate.config import GenerateConfig
-from lorakit.generate.engine import GenerationParams
+from lorakit.generate.params import GenerationParams
 from lorakit.generate.runner import Engine, PromptTooLongError
 
 HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D too)"

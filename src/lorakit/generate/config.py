@@ -57,7 +57,7 @@ class SamplingOptions:
     seed: int | None = opt(None, "random seed for reproducible sampling")
 
     def generation_params(self):
-        from lorakit.generate.engine import GenerationParams
+        from lorakit.generate.params import GenerationParams
 
         return GenerationParams.from_fields(self, stop=list(self.stop))
 

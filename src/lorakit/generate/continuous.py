@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from lorakit.generate.engine import Request, stop_token_ids
+from lorakit.generate.batch import stop_token_ids
+from lorakit.generate.params import Request
 from lorakit.generate.sampling import RowSampler, TokenStream, make_generator
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
-from lorakit.generate.engine import GenerationParams, Request, run_batch
+from lorakit.generate.batch import run_batch
 from lorakit.generate.loading import choose_template, resolve_dtype
+from lorakit.generate.params import GenerationParams, Request
 
 if TYPE_CHECKING:
     from lorakit.generate.config import EngineOptions

@@ -27,7 +27,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from lorakit.generate.engine import GenerationParams
+    from lorakit.generate.params import GenerationParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:

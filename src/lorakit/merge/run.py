@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.checkpoint.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
+from lorakit.formats.safetensors_io import StreamingShardWriter, parse_size
 from lorakit.merge.config import MergeConfig
-from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
-from lorakit.merge.safetensors_io import StreamingShardWriter, parse_size
 from lorakit.merge.streaming import iter_merged, plan_merge, write_merged
 
 log = logging.getLogger("lorakit")
@@ -23,7 +23,7 @@ class MergeResult:
     files: list[str]
     vocab_size: int
     seconds: float
-    verify: object | None = None  # lorakit.export.verify.VerifyResult
+    verify: object | None = None  # lorakit.checkpoint.verify.VerifyResult
 
 
 def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, output_type: str = "huggingface",
@@ -54,7 +54,7 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
         with atomic_dir(out, overwrite) as tmp:
             bar = {"total": len(plan.tensors), "desc": "merging", "unit": "tensor", "leave": False}
             if output_type == "pth":
-                from lorakit.export.pth import write_pth
+                from lorakit.checkpoint.pth import write_pth
 
                 files = write_pth(tqdm(iter_merged(plan), **bar), plan.config, tmp)
             else:
@@ -84,9 +84,9 @@ def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type
     """Logits of the written model vs PEFT's in-memory sequential merge (one model in memory at a time)."""
     import torch
 
-    from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import merged_in_memory, round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.pth import load_pth_model
+    from lorakit.checkpoint.verify import merged_in_memory, round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
     def written(dtype: str):

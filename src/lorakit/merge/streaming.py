@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.models.layout import check_llama_names
-from lorakit.merge.adapters import LoraAdapter, open_adapter
-from lorakit.merge.safetensors_io import (
+from lorakit.formats.safetensors_io import (
     BufferPool,
     FileRange,
     PlannedTensor,
@@ -32,6 +30,8 @@ from lorakit.merge.safetensors_io import (
     st_dtype,
     torch_dtype,
 )
+from lorakit.merge.adapters import LoraAdapter, open_adapter
+from lorakit.models.layout import check_llama_names
 
 if TYPE_CHECKING:
     import torch

@@ -28,8 +28,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import ConfigError
-from lorakit.generate.engine import GenerationParams
-from lorakit.generate.engine import Request as GenRequest
+from lorakit.generate.params import GenerationParams
+from lorakit.generate.params import Request as GenRequest
 from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields

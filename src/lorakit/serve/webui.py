@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lorakit.generate.engine import GenerationParams
+from lorakit.generate.params import GenerationParams
 from lorakit.generate.runner import Engine, PromptTooLongError
 from lorakit.serve.config import WebuiConfig
 

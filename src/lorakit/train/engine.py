@@ -37,13 +37,13 @@ from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
+from lorakit.precision import resolve_precision
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
-from lorakit.precision import resolve_precision
 
 log = logging.getLogger("lorakit")
 ADAPTER_FILE = "adapter_model.safetensors"

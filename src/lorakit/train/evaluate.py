@@ -12,9 +12,9 @@ from lorakit.data import IGNORE_INDEX, read_examples, tokenize_examples
 from lorakit.data.collators import make_collator
 from lorakit.generate import GenerationParams, generate_batch
 from lorakit.models import load_model_and_tokenizer
+from lorakit.precision import resolve_precision
 from lorakit.prompts import get_prompter
 from lorakit.train.config import EvalConfig
-from lorakit.precision import resolve_precision
 
 
 @dataclass

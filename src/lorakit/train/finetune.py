@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from lorakit.data import read_examples, tokenize_examples
 from lorakit.errors import ConfigError
 from lorakit.models import check_vocab, ensure_pad_token, load_model, load_tokenizer, resolve_model_dir
+from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
 from lorakit.train.engine import TrainSummary, train
-from lorakit.precision import resolve_precision, weights_dtype
 
 log = logging.getLogger("lorakit")
 Features = dict[str, list[int]]

@@ -127,7 +127,7 @@ def resolve_nproc(cfg: Any) -> int:
         return int(cfg.nproc)
     import torch
 
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import resolve_model_dir
     from lorakit.precision import resolve_precision
 
