@@ -8,7 +8,8 @@ from typing import TextIO
 
 from lorakit.generate.config import GenerateConfig
 from lorakit.generate.params import GenerationParams
-from lorakit.generate.runner import Engine, PromptTooLongError
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError
 
 HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D too)"
 

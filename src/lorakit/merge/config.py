@@ -25,6 +25,6 @@ class MergeConfig:
     overwrite: bool = opt(False, "replace a non-empty --output-dir")
 
     def validate(self) -> None:
-        from lorakit.formats.safetensors_io import parse_size
+        from lorakit.formats.shard_writer import parse_size
 
         parse_size(self.max_shard_size)

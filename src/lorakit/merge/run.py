@@ -8,27 +8,33 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorakit.checkpoint.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
-from lorakit.formats.safetensors_io import StreamingShardWriter, parse_size
+from lorakit.formats.shard_writer import StreamingShardWriter, parse_size
 from lorakit.merge.config import MergeConfig
 from lorakit.merge.streaming import iter_merged, plan_merge, write_merged
+
+if TYPE_CHECKING:
+    from lorakit.checkpoint.verify import VerifyResult
 
 log = logging.getLogger("lorakit")
 
 
 @dataclass
-class MergeResult:
+class AdapterMergeResult:
+    """What merging LoRA adapters into a base model wrote (`merge_model`, the `lorakit merge` verb)."""
+
     output_dir: Path
     files: list[str]
     vocab_size: int
     seconds: float
-    verify: object | None = None  # lorakit.checkpoint.verify.VerifyResult
+    verify: VerifyResult | None = None
 
 
 def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, output_type: str = "huggingface",
                 dtype: str = "auto", max_shard_size: str = "2GB", tokenizer: str | None = None,
-                verify: bool = True, overwrite: bool = False) -> MergeResult:
+                verify: bool = True, overwrite: bool = False) -> AdapterMergeResult:
     """Merge `adapters` into `base_model` tensor by tensor and write `output_dir` atomically."""
     from tqdm import tqdm
 
@@ -69,7 +75,7 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
                     shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
             if tok_source is not None:
                 copy_tokenizer(tok_source, tmp)
-            result = MergeResult(out, files, plan.vocab_size, 0.0)
+            result = AdapterMergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
                                              plan.tensors[0].dtype, plan.vocab_size)
@@ -104,7 +110,7 @@ def run_merge(cfg: MergeConfig) -> int:
     print(f"merged {len(cfg.lora_model)} adapter(s) into {result.output_dir} "
           f"({len(result.files)} weight file(s), vocab {result.vocab_size}) in {result.seconds:.1f}s")
     if result.verify is not None:
-        print(f"verify: {result.verify.summary()}")  # type: ignore[attr-defined]
+        print(f"verify: {result.verify.summary()}")
     elif cfg.verify:
         print("verify: skipped, the model does not fit in memory (see the warning above)")
     return 0

@@ -21,15 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.formats.safetensors_io import (
-    BufferPool,
-    FileRange,
-    PlannedTensor,
-    SafetensorsFolder,
-    StreamingShardWriter,
-    st_dtype,
-    torch_dtype,
-)
+from lorakit.formats.safetensors_io import FileRange, SafetensorsFolder, st_dtype, torch_dtype
+from lorakit.formats.shard_writer import BufferPool, PlannedTensor, StreamingShardWriter
 from lorakit.merge.adapters import LoraAdapter, open_adapter
 from lorakit.models.layout import check_llama_names
 

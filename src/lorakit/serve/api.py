@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.errors import ConfigError
 from lorakit.generate.params import GenerationParams
 from lorakit.generate.params import Request as GenRequest
-from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError, UnknownModelError
 from lorakit.serve.config import ServeConfig
 from lorakit.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from lorakit.generate.params import GenerationParams
-from lorakit.generate.runner import Engine, PromptTooLongError
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError
 from lorakit.serve.config import WebuiConfig
 
 log = logging.getLogger("lorakit")

@@ -21,7 +21,7 @@ def _train_command(cfg: Any, verb: str, next_step: str) -> int:
     code = relaunch_if_needed(cfg, verb)
     if code is not None:
         return code
-    from lorakit.train.engine import is_main_process
+    from lorakit.train.distributed import is_main_process
 
     train_here = getattr(importlib.import_module(f"lorakit.train.{verb}"), verb)  # finetune.finetune, ...
     summary = train_here(cfg)

@@ -12,7 +12,8 @@ from lorakit.models import check_vocab, ensure_pad_token, load_model, load_token
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
-from lorakit.train.engine import TrainSummary, train
+from lorakit.train.engine import train
+from lorakit.train.summary import TrainSummary
 
 log = logging.getLogger("lorakit")
 Features = dict[str, list[int]]

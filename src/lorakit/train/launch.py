@@ -35,7 +35,7 @@ from lorakit.machine import available_memory, usable_cores
 from lorakit.train.config import gradient_accumulation_steps
 
 if TYPE_CHECKING:
-    from lorakit.train.engine import TrainSummary
+    from lorakit.train.summary import TrainSummary
 
 log = logging.getLogger("lorakit")
 
@@ -175,6 +175,6 @@ def train_as_configured(cfg: Any, verb: str, train_here: Callable[[Any], TrainSu
         return train_here(cfg)
     if code:
         raise LorakitError(f"lorakit {verb} failed in one of its processes (exit code {code}); see above")
-    from lorakit.train.engine import read_summary
+    from lorakit.train.summary import read_summary
 
     return read_summary(cfg.output_dir)
