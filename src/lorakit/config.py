@@ -22,19 +22,22 @@ from lorakit.errors import ConfigError
 T = TypeVar("T")
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = False, **kw: Any) -> Any:  # noqa: A002
+def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = False,  # noqa: A002
+        aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     """A dataclass field with a help text. Mutable defaults (lists) are copied per instance.
 
     `required=True` keeps an empty default (so option groups can still be combined by inheritance)
-    but makes `build_config` refuse the option when it is left empty.
+    but makes `build_config` refuse the option when it is left empty. `aliases`: extra flag spellings
+    (e.g. ("--outtype",)), also accepted as YAML keys.
     """
-    meta = {"help": help, "required": required}
+    meta = {"help": help, "required": required, "aliases": tuple(aliases)}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def flag_name(field_name: str) -> str:
+    """Field name -> its flag: `base_model` -> `--base-model`."""
     return "--" + field_name.replace("_", "-")
 
 
@@ -78,7 +81,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kw["metavar"] = "PATH" if tp is Path or "path" in f.name or "dir" in f.name else "TEXT"
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {tp}")
-        parser.add_argument(flag_name(f.name), **kw)
+        parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kw)
 
 
 def _coerce(cls: type, name: str, value: Any, tp: Any) -> Any:
@@ -110,6 +113,7 @@ def _coerce(cls: type, name: str, value: Any, tp: Any) -> Any:
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """A YAML options file -> {field_name: value} (kebab-case keys accepted); ConfigError when unreadable."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -122,10 +126,23 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _apply_aliases(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Keys spelled as a field's alias (YAML `outtype:`) -> the field's name; the field's own name wins."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            key = alias.removeprefix("--").replace("-", "_")
+            if key in values:
+                value = values.pop(key)
+                values.setdefault(f.name, value)
+    return values
+
+
 def build_config(cls: type[T], values: dict[str, Any], source: str = "options") -> T:
     """Instantiate `cls` from a dict (YAML and/or flags), checking names, types and required fields."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    values = _apply_aliases(cls, values)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown option(s): {', '.join(flag_name(u) for u in unknown)}")
@@ -145,15 +162,18 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = "options") 
 
 
 def config_from_args(cls: type[T], namespace: argparse.Namespace, config_path: str | None = None) -> T:
-    values: dict[str, Any] = load_yaml_config(config_path) if config_path else {}
+    """Options of `cls` from the YAML file at `config_path` (if any) overridden by the parsed flags."""
+    values: dict[str, Any] = _apply_aliases(cls, load_yaml_config(config_path)) if config_path else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(namespace).items() if k in names})
     return build_config(cls, values, source=str(config_path or "options"))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass -> a plain dict for YAML (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass to `path` as YAML (what a run saves next to its outputs)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
