@@ -58,6 +58,7 @@ def _load(ref: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser: one sub-command per COMMANDS entry, flags from its options dataclass."""
     parser = argparse.ArgumentParser(prog="lorakit", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"lorakit {_load('lorakit:__version__')}")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run `lorakit` with `argv` (default: sys.argv[1:]) and exit with the verb's code (2 on a LorakitError)."""
     logging.basicConfig(level=os.environ.get("LORAKIT_LOG_LEVEL", "INFO"), format="[lorakit] %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)

@@ -23,19 +23,22 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-# safetensors dtype names <-> torch dtype names
+# the safetensors format's own dtype names (ints and bool too) <-> torch names; the weight types users
+# choose, and their names in every format, are lorakit.precision.WEIGHT_TYPES
 _ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
 
 
 def torch_dtype(st_dtype: str) -> torch.dtype:
+    """A safetensors dtype name ('BF16', 'I64', ...) -> the torch.dtype."""
     import torch
 
     return getattr(torch, _ST_TO_TORCH[st_dtype])
 
 
 def st_dtype(dtype: torch.dtype) -> str:
+    """A torch.dtype -> its safetensors dtype name."""
     return _TORCH_TO_ST[str(dtype).removeprefix("torch.")]
 
 
@@ -130,6 +133,7 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def tensor_nbytes(dtype: str, shape: list[int]) -> int:
+    """Bytes of a tensor of safetensors `dtype` and `shape`."""
     size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
     return size * math.prod(shape)
 
@@ -144,6 +148,7 @@ class FileRange:
 
 
 def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of `folder`, one shard mapped at a time."""
     for name in folder.names:
         yield name, folder.get(name)
     folder.close()

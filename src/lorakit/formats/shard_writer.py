@@ -2,8 +2,9 @@
 
 The layout (names, dtypes, shapes, offsets) is planned up front (`PlannedTensor`): each shard's header
 is written first, then every tensor's bytes as they arrive, or copied verbatim from a source file
-(`FileRange`). Peak memory is one tensor, not one shard; see docs/design.md for why not safetensors'
-`save_file`. The files are read back by the safetensors library itself in the tests.
+(`FileRange`). Peak memory is one tensor, not one shard (why not safetensors' `save_file`:
+docs/design.md#a-hand-written-safetensors-writer). The files are read back by the safetensors
+library itself in the tests.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def parse_size(text: str | int) -> int:
 
 @dataclass
 class PlannedTensor:
+    """One tensor of the output layout: name, safetensors dtype and shape."""
+
     name: str
     dtype: str  # safetensors dtype name
     shape: list[int]
@@ -195,8 +198,8 @@ class StreamingShardWriter:
             self._file = None
 
 
-# Bytes per write() call. Measured on this VM (ext4, 2.1 GB): 64 MB writes 4.8-5.2 s, 1 MB 0.6 s,
-# 128 KB 0.5 s, `cp` 0.6-0.8 s; large single writes are many times slower than modest ones.
+# Bytes per write() call: large single writes are many times slower than modest ones
+# (docs/performance.md#streaming-merge-memory-and-time).
 _WRITE_CHUNK = 1 << 20
 
 

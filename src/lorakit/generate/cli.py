@@ -84,6 +84,7 @@ def interactive(engine: Engine, params: GenerationParams, stream: bool, out: Tex
 
 
 def run_generate(cfg: GenerateConfig) -> int:
+    """The `lorakit generate` verb: one prompt, or an interactive session; returns the exit code."""
     params = cfg.generation_params()
     engine = Engine.load(cfg)
     try:

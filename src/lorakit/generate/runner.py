@@ -49,8 +49,8 @@ class Engine(ModelSession):
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        # A new thread's OpenMP team does not inherit torch.set_num_threads (measured: the worker ran
-        # single-threaded); the worker sets the creating thread's count so both paths compute alike.
+        # A new thread's OpenMP team does not inherit torch.set_num_threads (docs/performance.md, "The worker
+        # thread's thread count"); the worker sets the creating thread's count so both paths compute alike.
         self.num_threads = _torch_threads()
         self.batches_run = 0  # statistics: how many generate calls, and their sizes
         self.batch_sizes: list[int] = []

@@ -65,7 +65,7 @@ class ModelSession:
         if torch.cuda.is_available():
             model = model.cuda()
         model.eval()
-        optimized = optimize_for_cpu(model)  # bf16 on CPU: fused, prepacked layers (~2x faster decoding)
+        optimized = optimize_for_cpu(model)  # bf16 on CPU: fused, prepacked layers (docs/performance.md)
         base_name = opts.base_model if "/" not in opts.base_model else Path(opts.base_model).name
         names = [n for n, _ in specs]
         log.info("engine: %s%s, template %r, %s%s", base_name,

@@ -45,6 +45,8 @@ class LoraPair:
 
 @dataclass
 class LoraAdapter:
+    """One PEFT adapter read from its headers: config, LoRA pairs and replaced tensors by base tensor name."""
+
     path: Path
     config: dict[str, Any]
     lora: dict[str, LoraPair] = field(default_factory=dict)  # base tensor name -> update

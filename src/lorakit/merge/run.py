@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorakit.checkpoint.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
+from lorakit.checkpoint.verify import report_verification
 from lorakit.formats.shard_writer import StreamingShardWriter, parse_size
 from lorakit.merge.config import MergeConfig
 from lorakit.merge.streaming import iter_merged, plan_merge, write_merged
@@ -94,23 +95,21 @@ def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type
     from lorakit.checkpoint.verify import merged_in_memory, round_trip
     from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
+    from lorakit.precision import weight_type
 
     def written(dtype: str):
         return load_pth_model(folder, getattr(torch, dtype)) if output_type == "pth" else load_model(folder, dtype)
 
-    weight_type = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
     return round_trip(f"merged model ({output_type})", param_count(base_model), vocab_size,
-                      weight_type, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
+                      weight_type(st_dtype).name, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
                       written=written)
 
 
 def run_merge(cfg: MergeConfig) -> int:
+    """The `lorakit merge` verb: merge, print the result; returns the exit code."""
     result = merge_model(cfg.base_model, cfg.lora_model, cfg.output_dir, cfg.output_type, cfg.dtype,
                          cfg.max_shard_size, cfg.tokenizer, cfg.verify, cfg.overwrite)
     print(f"merged {len(cfg.lora_model)} adapter(s) into {result.output_dir} "
           f"({len(result.files)} weight file(s), vocab {result.vocab_size}) in {result.seconds:.1f}s")
-    if result.verify is not None:
-        print(f"verify: {result.verify.summary()}")
-    elif cfg.verify:
-        print("verify: skipped, the model does not fit in memory (see the warning above)")
+    report_verification(result.verify, cfg.verify)
     return 0

@@ -66,6 +66,8 @@ IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
 @dataclass(frozen=True)
 class Mapped:
+    """An HF tensor name resolved to its naming rule and layer: its Meta and GGUF names follow."""
+
     rule: TensorRule
     layer: int | None
 
@@ -130,6 +132,7 @@ def rotary_heads(rule: TensorRule, config: dict[str, Any]) -> int | None:
 
 
 def rope_theta(config: dict[str, Any]) -> float:
+    """The rotary base frequency of an HF config (rope_theta or rope_parameters), default 10000."""
     params = config.get("rope_parameters") or {}
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
@@ -202,4 +205,5 @@ META_SHARDS_BY_DIM = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 
 
 def meta_num_shards(config: dict[str, Any]) -> int:
+    """How many consolidated.NN.pth files Meta's layout uses for a model of this hidden size."""
     return META_SHARDS_BY_DIM.get(int(config["hidden_size"]), 1)

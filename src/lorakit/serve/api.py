@@ -39,6 +39,8 @@ log = logging.getLogger("lorakit")
 
 
 class APIError(Exception):
+    """An error answered with an HTTP status and OpenAI's error body (message, type, param, code)."""
+
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
         super().__init__(message)
@@ -47,6 +49,7 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON: {'error': {'message', 'type', 'param', 'code'}}."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -284,6 +287,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
 
 
 def run_serve(cfg: ServeConfig) -> int:
+    """The `lorakit serve` verb: load the engine and serve the API until interrupted; returns the exit code."""
     import uvicorn
 
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY") or None

@@ -33,11 +33,13 @@ def _train_command(cfg: Any, verb: str, next_step: str) -> int:
 
 
 def run_finetune(cfg: FinetuneConfig) -> int:
+    """The `lorakit finetune` verb (relaunched under torchrun when --nproc asks); returns the exit code."""
     return _train_command(cfg, "finetune",
                           f"try it:  lorakit generate --base-model {cfg.base_model} --lora-weights {{out}} "
                           f"--prompt-template {cfg.prompt_template} --instruction '...'")
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
+    """The `lorakit pretrain` verb (relaunched under torchrun when --nproc asks); returns the exit code."""
     return _train_command(cfg, "pretrain",
                           f"merge it: lorakit merge --base-model {cfg.base_model} --lora-weights {{out}} ...")

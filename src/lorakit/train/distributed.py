@@ -25,10 +25,12 @@ def across_processes(value: Any) -> list[Any]:
 
 
 def world_size() -> int:
+    """Number of training processes (WORLD_SIZE; 1 outside a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
+    """True on rank 0 (and outside a launcher)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -36,8 +38,8 @@ def ddp_skip_frozen(model: torch.nn.Module) -> None:
     """Leave frozen weights and buffers out of DDP's synchronisation.
 
     Every process loaded the same base weights, and the buffers (rotary frequencies) are constants, yet
-    DDP broadcasts all of them from rank 0 when it wraps the model (270 MB for SmolLM2-135M in bf16) and
-    the buffers again before every forward, which makes each micro-batch wait for the slowest process.
+    DDP broadcasts all of them from rank 0 when it wraps the model and the buffers again before every
+    forward (docs/performance.md#fewer-waits-between-processes).
     Only the trainable (LoRA) parameters need their gradients averaged."""
     from torch.nn.parallel import DistributedDataParallel
 

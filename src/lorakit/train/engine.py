@@ -48,6 +48,7 @@ log = logging.getLogger("lorakit")
 
 
 def lora_config(cfg: LoraOptions):
+    """LoraOptions -> peft.LoraConfig for a causal LM."""
     from peft import LoraConfig, TaskType
 
     targets = cfg.lora_target_modules

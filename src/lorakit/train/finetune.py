@@ -33,6 +33,7 @@ def split_validation(features: Sequence[Features], val_set_size: int, seed: int)
 
 
 def finetune(cfg: FinetuneConfig) -> TrainSummary:
+    """Read and tokenize `cfg.data_path`, train a LoRA adapter into `cfg.output_dir`; returns the TrainSummary."""
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
     tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)

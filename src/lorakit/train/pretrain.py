@@ -86,6 +86,7 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
 
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
+    """Train a LoRA adapter on raw text cut into blocks (continued pre-training); returns the TrainSummary."""
     from transformers import default_data_collator
 
     precision = resolve_precision(cfg.precision)

@@ -21,6 +21,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def load_adapter_weights(peft_model, adapter_dir: str) -> None:
+    """Load the adapter in `adapter_dir` into `peft_model`'s LoRA weights (a run starting from it)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -16,6 +16,8 @@ SUMMARY_FILE = "train_summary.json"
 
 @dataclass
 class TrainSummary:
+    """What a finished training run reports: steps, losses, throughput, memory, precision."""
+
     output_dir: str
     global_step: int
     train_loss: float

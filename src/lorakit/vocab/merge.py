@@ -33,6 +33,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # sentencepiece Mo
 
 
 def load_proto(path: str | Path) -> Any:
+    """A SentencePiece .model file -> its ModelProto; ModelNotFoundError when missing."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     p = Path(path)

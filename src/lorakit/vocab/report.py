@@ -69,6 +69,7 @@ def check_merge(base_model_file: str | Path, result: VocabMergeResult, lines: li
 
 
 def format_report(result: VocabMergeResult, check: MergeCheck, keep_all: bool) -> str:
+    """The printed report of a vocabulary merge: sizes, what was added or left out, and the check."""
     sel = result.selection
     out = [f"merged tokenizer written to {result.output_dir} (tokenizer.model + Hugging Face files)",
            f"vocabulary: {result.base_size} -> {result.merged_size} ({len(sel.added)} pieces added, "
@@ -95,6 +96,7 @@ def format_report(result: VocabMergeResult, check: MergeCheck, keep_all: bool) -
 
 
 def run_vocab_merge(cfg) -> int:  # cfg: VocabMergeConfig
+    """The `lorakit vocab merge` verb; returns the exit code."""
     from lorakit.vocab.corpus import read_text_lines
     from lorakit.vocab.merge import merge_tokenizers
 
