@@ -153,3 +153,14 @@ def test_planted_cycle_is_caught(tmp_path: Path) -> None:
     report = cycle_report(copy)
     assert "package cycle: cli -> errors -> cli" in report
     assert "module cycle: lorakit.cli -> lorakit.errors -> lorakit.cli" in report
+
+
+MAX_LINES = 300
+
+
+def test_files_stay_short_unless_their_docstring_says_why() -> None:
+    """A module over MAX_LINES lines must say in its docstring why it is "one piece"."""
+    long = [f"{p.relative_to(ROOT.parent)}: {n} lines" for p in sorted(ROOT.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES
+            and "one piece" not in (ast.get_docstring(ast.parse(p.read_text())) or "")]
+    assert not long, "split these files (or say in the docstring why each is one piece):\n" + "\n".join(long)
