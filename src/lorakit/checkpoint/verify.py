@@ -113,7 +113,8 @@ def logits_of(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 def reference_logits(build: Callable[[], PreTrainedModel], ids: torch.Tensor) -> torch.Tensor:
-    """Build a model, take its logits, free it before returning."""
+    """Build a model, take its fp32 logits (batch, length, vocab) for `ids` (batch, length), and free the
+    model before returning."""
     model = build()
     out = logits_of(model, ids)
     del model

@@ -11,13 +11,15 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
 from lorakit.generate.loading import choose_template, resolve_dtype
 from lorakit.generate.params import GenerationParams
 
 if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
+
     from lorakit.generate.config import EngineOptions
     from lorakit.prompts import ChatPrompter, Prompter
 

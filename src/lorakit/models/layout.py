@@ -117,7 +117,8 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `hf_to_meta_rows` (the permutation of HF's convert_llama_weights_to_hf)."""
+    """Inverse of `hf_to_meta_rows`: Meta rows [n_heads*head_dim, in] -> HF order (the permutation of HF's
+    convert_llama_weights_to_hf; same shape)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
