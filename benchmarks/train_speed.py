@@ -107,7 +107,7 @@ def run_lorakit(a: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"lorakit finetune failed:\n{proc.stderr[-3000:]}")
-    from lorakit.train.engine import read_summary
+    from lorakit.train.summary import read_summary
 
     s = read_summary(a["out"])
     return {"tokens": s.tokens_seen, "wall": s.train_seconds, "cpu": s.cpu_seconds, "train_loss": s.train_loss,

@@ -119,7 +119,7 @@ def test_a_resumed_multi_process_run_gets_the_epoch_it_resumes_in(lengths):
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
 
-    from lorakit.train.engine import expose_sampler
+    from lorakit.train.trainers import expose_sampler
 
     sampler = BalancedOrder(lengths, 4, 2, 2, seed=5)
     loader = expose_sampler(prepare_data_loader(DataLoader(list(range(len(lengths))), batch_size=4, sampler=sampler),

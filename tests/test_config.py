@@ -91,3 +91,26 @@ def test_required_options_say_so_in_help(capsys):
         main(["merge", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "merged in the given order (comma list) (required)" in help_text
+
+
+def test_dtype_is_one_flag_with_the_old_spellings_as_aliases(tmp_path):
+    """export: --dtype, --outtype (llama.cpp's name, also as a YAML key) land in one field, canonically
+    spelled; merge: the old torch spellings (--dtype bfloat16) keep working."""
+    from lorakit.export.config import ExportConfig
+    from lorakit.merge.config import MergeConfig
+
+    parser = build_parser()
+    for flag, value in [("--dtype", "bf16"), ("--outtype", "bf16"), ("--outtype", "bfloat16")]:
+        args = parser.parse_args(["export", "--model", "m", "--output", "o.gguf", flag, value])
+        assert config_from_args(ExportConfig, args).dtype == "bf16"
+    yaml_file = tmp_path / "export.yaml"
+    yaml_file.write_text("model: m\noutput: o.gguf\nouttype: q8_0\n")
+    args = parser.parse_args(["export"])
+    assert config_from_args(ExportConfig, args, str(yaml_file)).dtype == "q8_0"
+    args = parser.parse_args(["export", "--dtype", "f32"])
+    assert config_from_args(ExportConfig, args, str(yaml_file)).dtype == "f32"  # the flag wins over YAML
+    with pytest.raises(ConfigError, match=r"--dtype \(--format pth\) q8_0"):
+        build_config(ExportConfig, {"model": "m", "output": "o", "format": "pth", "dtype": "q8_0"})
+    merge = build_config(MergeConfig, {"lora_model": ["a"], "output_dir": "o", "dtype": "bfloat16"})
+    assert merge.dtype == "bf16"
+    assert build_config(MergeConfig, {"lora_model": ["a"], "output_dir": "o"}).dtype == "auto"

@@ -92,10 +92,11 @@ def test_ddp_synchronises_only_the_trainable_weights(tiny_model_dir):
 
     from lorakit.models import load_model
     from lorakit.train.config import LoraOptions
-    from lorakit.train.engine import _ddp_skip_frozen, lora_config
+    from lorakit.train.distributed import ddp_skip_frozen
+    from lorakit.train.engine import lora_config
 
     model = get_peft_model(load_model(tiny_model_dir, torch.float32), lora_config(LoraOptions()))
-    _ddp_skip_frozen(model)
+    ddp_skip_frozen(model)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = DistributedDataParallel(model)

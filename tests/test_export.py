@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorakit.checkpoint.verify import VerificationError
 from lorakit.export.run import export_model
-from lorakit.export.verify import VerificationError
-from lorakit.merge.safetensors_io import param_count
+from lorakit.formats.safetensors_io import param_count
 from tiny_models import DATA_DIR, make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000, 2, 17]])
@@ -105,8 +105,8 @@ def test_gguf_without_rotary_permutation_fails_verification(models, tmp_path, mo
 
 
 def test_verify_uses_the_widest_dtype_that_fits_in_memory():
-    from lorakit.export.verify import PEAK_BYTES_PER_PARAM as PEAK
-    from lorakit.export.verify import compute_dtype
+    from lorakit.checkpoint.verify import PEAK_BYTES_PER_PARAM as PEAK
+    from lorakit.checkpoint.verify import compute_dtype
 
     params = 3_000_000_000
     assert compute_dtype(params, available=int(params * PEAK["float32"])) == "float32"
@@ -116,7 +116,7 @@ def test_verify_uses_the_widest_dtype_that_fits_in_memory():
 
 
 def _memory_for_half_precision_only(monkeypatch, model_dir: Path) -> None:
-    import lorakit.export.verify as verify
+    import lorakit.checkpoint.verify as verify
 
     params = param_count(model_dir)
     half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
@@ -158,7 +158,7 @@ def test_bf16_verification_still_catches_a_wrong_layout(models, tmp_path, monkey
 
 
 def test_export_too_large_to_verify_is_written_with_a_warning(models, tmp_path, monkeypatch, capsys, caplog):
-    import lorakit.export.verify as verify
+    import lorakit.checkpoint.verify as verify
     from lorakit.cli import main
 
     monkeypatch.setattr(verify, "available_memory", lambda: 1000)
@@ -208,8 +208,8 @@ def test_pth_weights_equal_hf_after_official_permutation(models, tmp_path, shape
 
 def test_pth_model_parallel_shards_concatenate_back(models, tmp_path):
     """Split into 2 shards as for 13B: each tensor along the dim Meta's loader concatenates."""
-    from lorakit.export.pth import load_pth_model, write_pth
-    from lorakit.merge.safetensors_io import SafetensorsFolder, iter_tensors
+    from lorakit.checkpoint.pth import load_pth_model, write_pth
+    from lorakit.formats.safetensors_io import SafetensorsFolder, iter_tensors
 
     src = models["gqa_untied"]
     cfg = json.loads((src / "config.json").read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorakit.checkpoint.verify import logits_of, probe_ids
 from lorakit.export.run import export_model
-from lorakit.export.verify import logits_of, probe_ids
 from lorakit.merge.run import merge_model
 from lorakit.models import load_model, load_tokenizer, resolve_model_dir
 

@@ -11,7 +11,8 @@ import torch
 from lorakit.errors import MismatchError
 from lorakit.generate import GenerationParams, Request, generate_batch, run_batch
 from lorakit.generate.config import EngineOptions
-from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError, UnknownModelError
 from lorakit.models import load_model_and_tokenizer
 from test_generate_helpers import hf_greedy, make_adapter, penalized_greedy
 
@@ -249,7 +250,7 @@ def test_extended_vocab_adapter_resizes_and_uses_its_tokenizer(tiny_model_dir, t
 def test_auto_template_prefers_the_adapters_training_template(tmp_path):
     from types import SimpleNamespace
 
-    from lorakit.generate.runner import choose_template
+    from lorakit.generate.loading import choose_template
 
     with_chat, without = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
     trained = tmp_path / "adapter"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.generate.engine import GenerationParams
+from lorakit.generate.params import GenerationParams
 from lorakit.generate.sampling import RowSampler, TokenStream, make_generator, sample_row
 
 

@@ -106,7 +106,7 @@ def test_train_as_configured_returns_the_summary_of_either_path(tmp_path, monkey
 
     from lorakit.errors import LorakitError
     from lorakit.train import launch
-    from lorakit.train.engine import SUMMARY_FILE, TrainSummary
+    from lorakit.train.summary import SUMMARY_FILE, TrainSummary
 
     written = TrainSummary(output_dir=str(tmp_path), global_step=3, train_loss=1.5, eval_loss=None, train_seconds=2.0,
                            tokens_seen=100, tokens_per_second=50.0, peak_rss_mb=900.0, precision="bf16",

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lorakit.errors import MismatchError, ModelNotFoundError, OutputExistsError
+from lorakit.formats.safetensors_io import param_count
 from lorakit.merge.run import merge_model
-from lorakit.merge.safetensors_io import param_count
 from tiny_models import make_tiny_llama
 
 IDS = torch.tensor([[1, 5, 99, 1234, 15000, 7, 42, 3000], [1, 300, 301, 302, 8000, 9, 10, 11]])
@@ -243,7 +243,7 @@ def test_lora_on_tied_embeddings_unties_like_the_trained_forward(bases, tmp_path
 
 def test_merge_verifies_in_bf16_when_fp32_does_not_fit(bases, tmp_path, monkeypatch):
     """A model whose fp32 copy does not fit (a 7B on 24 GB) is checked in bf16, not killed mid-check."""
-    import lorakit.export.verify as verify
+    import lorakit.checkpoint.verify as verify
 
     base = bases["gqa_untied"]
     params = param_count(base)

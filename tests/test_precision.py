@@ -73,3 +73,40 @@ def test_cpu_flags_parsed_from_proc_cpuinfo(tmp_path, monkeypatch):
 def test_weights_dtype_keeps_trainable_fp32_policy():
     assert P.weights_dtype("bf16") is torch.bfloat16
     assert P.weights_dtype("fp32") is torch.float32
+
+
+def test_weight_type_table_agrees_with_torch_gguf_and_safetensors():
+    """Every row's names exist in the library they name, and the safetensors reader maps them alike."""
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    from lorakit.formats.safetensors_io import st_dtype, torch_dtype
+
+    for name, t in P.WEIGHT_TYPES.items():
+        assert t.name == name
+        assert GGMLQuantizationType[t.gguf].name == t.gguf
+        assert LlamaFileType[t.gguf_file_type].name == t.gguf_file_type
+        if t.torch is not None:
+            assert P.torch_dtype(name) == getattr(torch, t.torch) == torch_dtype(t.safetensors)
+            assert st_dtype(getattr(torch, t.torch)) == t.safetensors
+            assert P.weights_dtype(t.precision) == getattr(torch, t.torch)
+
+
+@pytest.mark.parametrize("spelling,name", [
+    ("f16", "f16"), ("float16", "f16"), ("fp16", "f16"), ("half", "f16"), ("F16", "f16"), ("torch.float16", "f16"),
+    ("bf16", "bf16"), ("bfloat16", "bf16"), ("BF16", "bf16"),
+    ("f32", "f32"), ("float32", "f32"), ("fp32", "f32"), ("q8_0", "q8_0"), ("Q8_0", "q8_0"),
+])
+def test_every_spelling_reaches_one_row(spelling, name):
+    assert P.weight_type(spelling).name == name
+
+
+def test_unknown_or_unwritable_weight_type_names_the_flag_and_the_values():
+    with pytest.raises(ConfigError, match=r"--dtype q4: not one of f32, f16, bf16, q8_0"):
+        P.weight_type("q4")
+    with pytest.raises(ConfigError, match=r"--dtype q8_0: not one of f32, f16, bf16$"):
+        P.weight_type("q8_0", P.FLOAT_TYPES)
+
+
+def test_precision_takes_weight_type_spellings(cpu):
+    cpu("avx512_bf16")
+    assert P.resolve_precision("f32") == "fp32" and P.resolve_precision("bfloat16") == "bf16"

@@ -79,11 +79,16 @@ class Guard:
 
 
 GUARDS = [
-    Guard("transformers.Trainer._track_num_input_tokens", "src/lorakit/train/engine.py", params("self", "inputs")),
-    Guard("transformers.Trainer._get_train_sampler", "src/lorakit/train/engine.py",
+    Guard("transformers.Trainer._track_num_input_tokens", "src/lorakit/train/trainers.py", params("self", "inputs")),
+    Guard("transformers.Trainer._get_train_sampler", "src/lorakit/train/trainers.py",
           params("self", "train_dataset")),
+    Guard("transformers.Trainer._save_checkpoint", "src/lorakit/train/checkpoints.py",
+          params("self", "model", "trial")),
+    Guard("transformers.Trainer._get_output_dir", "src/lorakit/train/checkpoints.py", params("self", "trial")),
+    Guard("transformers.trainer_utils.rotate_checkpoints", "src/lorakit/train/checkpoints.py",
+          params("output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime")),
     Guard("torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
-          "src/lorakit/train/engine.py", params("module", "params_and_buffers_to_ignore")),
+          "src/lorakit/train/distributed.py", params("module", "params_and_buffers_to_ignore")),
     Guard("transformers.PretrainedConfig._attn_implementation", "src/lorakit/generate/cpu_inference.py",
           is_property),
     Guard("torch.ops.mkldnn._reorder_linear_weight", "src/lorakit/generate/cpu_inference.py"),
@@ -123,7 +128,7 @@ def test_a_removed_api_fails_with_the_api_and_the_file(monkeypatch):
     with pytest.raises(AssertionError) as e:
         guard.verify()
     assert "transformers.Trainer._track_num_input_tokens" in str(e.value)
-    assert "src/lorakit/train/engine.py" in str(e.value)
+    assert "src/lorakit/train/trainers.py" in str(e.value)
 
 
 def test_a_changed_signature_fails(monkeypatch):

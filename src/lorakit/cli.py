@@ -86,6 +86,7 @@ def _load(ref: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser: one sub-command per COMMANDS entry, flags from its options dataclass."""
     parser = argparse.ArgumentParser(prog="lorakit", description=DESCRIPTION, epilog=MAIN_FLOWS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorakit {_load('lorakit:__version__')}")
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run `lorakit` with `argv` (default: sys.argv[1:]) and exit with the verb's code (2 on a LorakitError)."""
     logging.basicConfig(level=os.environ.get("LORAKIT_LOG_LEVEL", "INFO"), format="[lorakit] %(message)s",
                         stream=sys.stderr)
     from lorakit.crash import debug_requested, report_internal_error

@@ -38,6 +38,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", required: bool = Fal
 
 
 def flag_name(field_name: str) -> str:
+    """Field name -> its flag: `base_model` -> `--base-model`."""
     return "--" + field_name.replace("_", "-")
 
 
@@ -116,6 +117,7 @@ def _coerce(cls: type, name: str, value: Any, tp: Any) -> Any:
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """A YAML options file -> {field_name: value} (kebab-case keys accepted); ConfigError when unreadable."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -184,8 +186,10 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, config_path: s
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass -> a plain dict for YAML (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass to `path` as YAML (what a run saves next to its outputs)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it; it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -20,12 +20,16 @@ def adapter_option(help: str, required: bool = False) -> list[str]:  # noqa: A00
 
 @dataclass
 class ModelOptions:
+    """The base model and tokenizer options shared by every verb that loads a model."""
+
     base_model: str = opt("smollm2-135m", "base model: a Hugging Face folder, a .gguf file, or the alias smollm2-135m")
     tokenizer: str | None = opt(None, "tokenizer folder, tokenizer.model or .gguf (default: the base model's)")
 
 
 @dataclass
 class PromptDataOptions:
+    """Instruction-data options shared by finetune, eval and preview."""
+
     data_path: str = opt("", "instruction data: .json (array) / .jsonl with alpaca, messages or conversations records",
                          required=True)
     prompt_template: str = opt("alpaca", "alpaca, alpaca_short, alpaca_legacy, vigogne, chinese_alpaca, chat "

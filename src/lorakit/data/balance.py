@@ -4,8 +4,7 @@ The processes of a DDP run wait for each other at every optimizer step (the grad
 with HF Trainer's own token count, at every micro-batch (the engine's Trainer gathers that count once
 per step instead), so a step lasts as long as the heaviest process's share of it. With padding-free
 rows a micro-batch's work is its tokens (plus attention's quadratic term), and a random split of
-alpaca-style data is uneven: on the shared English examples (180 +- 76 tokens, global batch 16, 2
-processes) one process got 3-31% more tokens than the other in a step, while the other sat idle.
+alpaca-style data is uneven (docs/performance.md#balanced-micro-batches-under-ddp).
 
 `BalancedOrder` draws the same kind of order as a random sampler (a seeded permutation per epoch,
 cut into global batches) and only rearranges the examples inside each global batch: into micro-batches
@@ -13,9 +12,7 @@ of equal work (heaviest example first, each to the lightest micro-batch with roo
 similar work side by side in the same accumulation slot. The examples of every optimizer step are
 unchanged, and so is the loss (averaged over the step's tokens), whichever micro-batch holds an
 example. accelerate deals micro-batches round-robin (micro-batch j of the order goes to process
-j % world_size), which is the layout `__iter__` produces. Measured on those examples (SmolLM2-135M,
-2 processes): the lighter process idle 22% -> 2.8% of each micro-batch by the cost model, 460 -> 493
-tokens/s in a 160-example run.
+j % world_size), which is the layout `__iter__` produces.
 """
 
 from __future__ import annotations
@@ -25,13 +22,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-# Attention's share of a step grows with the example's length; measured on SmolLM2-135M (bf16, CPU),
-# per-example attention was ~13% of a step at 180-token examples, so an example of T tokens costs
-# about T * (1 + T / 1300) token-units of work.
+# An example of T tokens costs about T * (1 + T / 1300) token-units of work (attention's share grows with
+# T; measured: docs/performance.md#balanced-micro-batches-under-ddp).
 ATTENTION_LENGTH_SCALE = 1300.0
 
 
 def example_cost(length: int) -> float:
+    """Work units of one example of `length` tokens: tokens plus attention's share growing with length."""
     return length * (1.0 + length / ATTENTION_LENGTH_SCALE)
 
 

@@ -22,11 +22,11 @@ class PaddingFreeCollator:
     forward that consumes it (train, eval, a custom loop) safe, whatever `model.config.use_cache` says.
 
     Why round the length: oneDNN keeps compiled kernels per matmul shape, and a packed row has a new
-    length almost every micro-batch. Measured on a 10M-parameter model in bf16, resident memory grew
-    without bound (0.8 GB after 15 micro-batches, 2.6 GB after 200); with lengths rounded to 32 it
-    levels off near 1.3 GB. The pad segment is its own example (positions restart at 0, so attention
-    never crosses into it), has no targets (labels -100) and is not counted as seen tokens (HF counts
-    input ids != pad id), so the loss and its average are unchanged, for ~16 extra tokens computed.
+    length almost every micro-batch: memory grows without bound otherwise
+    (docs/performance.md#row-lengths-rounded-to-a-multiple-of-32). The pad segment is its own example
+    (positions restart at 0, so attention never crosses into it), has no targets (labels -100) and is not
+    counted as seen tokens (HF counts input ids != pad id), so the loss and its average are unchanged,
+    for ~16 extra tokens computed.
     """
 
     def __init__(self, flatten: Any, pad_token_id: int | None = None, pad_to_multiple_of: int = 0):

@@ -10,6 +10,8 @@ from lorakit.options import ModelOptions, PromptDataOptions
 
 @dataclass
 class PreviewConfig(PromptDataOptions, ModelOptions):
+    """Options of `lorakit preview`."""
+
     num: int = opt(3, "how many examples to show")
     json: bool = opt(False, "print one JSON object per line with input_ids and labels")
 

@@ -25,6 +25,7 @@ def _split_spans(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int
 
 
 def run_preview(cfg: PreviewConfig) -> int:
+    """The `lorakit preview` verb: print tokenized examples with their label masks; returns the exit code."""
     tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model), cfg.tokenizer)
     prompter = get_prompter(cfg.prompt_template, tokenizer)
     examples, skipped = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)

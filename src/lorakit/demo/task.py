@@ -21,6 +21,7 @@ def _ordinal(n: int) -> str:
 
 
 def spell_date(date: dt.date, style: int) -> str:
+    """`date` written out in input style number `style` ('March 5, 2021', '5 March 2021', ...)."""
     month, short = MONTHS[date.month - 1], MONTHS[date.month - 1][:3]
     styles = [
         f"{month} {date.day}, {date.year}",

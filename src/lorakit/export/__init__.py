@@ -1,1 +1,1 @@
-"""Exports (GGUF, Meta pth), the shared tensor layouts, and logit round-trip verification."""
+"""`lorakit export`: GGUF (native writer) and Meta pth, verified by logits (checkpoint.verify)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.merge.safetensors_io import SafetensorsFolder
+from lorakit.formats.safetensors_io import SafetensorsFolder
 from lorakit.models.layout import (
     IGNORED_HF,
     check_llama_names,
@@ -27,29 +27,31 @@ from lorakit.models.layout import (
     rope_theta,
     rotary_heads,
 )
+from lorakit.precision import weight_type
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
 log = logging.getLogger("lorakit")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def _ggml_type(outtype: str, shape: list[int]) -> Any:
+def _ggml_type(dtype: str, shape: list[int]) -> Any:
+    """The GGUF type of one tensor of `shape` written as `dtype` (precision.WEIGHT_TYPES)."""
     from gguf import GGMLQuantizationType as Q
 
-    if len(shape) == 1 or outtype == "f32":
+    qtype = Q[weight_type(dtype).gguf]
+    if len(shape) == 1:
         return Q.F32
-    if outtype == "q8_0":
-        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
-    return {"f16": Q.F16, "bf16": Q.BF16}[outtype]
+    if qtype == Q.Q8_0 and shape[-1] % 32:
+        return Q.F16
+    return qtype
 
 
-def _file_type(outtype: str) -> int:
+def _file_type(dtype: str) -> int:
     from gguf import LlamaFileType as F
 
-    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype]
+    return F[weight_type(dtype).gguf_file_type]
 
 
 def _encode(w: torch.Tensor, qtype: Any) -> np.ndarray:
@@ -180,8 +182,9 @@ def _spm_scores(model_dir: Path, tokens: list[str], merges: list[str]) -> list[f
 # ---------------------------------------------------------------------------------------------- writer
 
 
-def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str | None = None) -> None:
-    """Write the HF LLaMA model in `model_dir` to `out_path` (the caller renames it into place)."""
+def write_gguf(model_dir: Path, out_path: Path, dtype: str = "f16", name: str | None = None) -> None:
+    """Write the HF LLaMA model in `model_dir` to `out_path` (the caller renames it into place) with its
+    2-D weights as `dtype` (f32, f16, bf16, q8_0)."""
     import numpy as np
     from gguf import GGUFWriter
     from tqdm import tqdm
@@ -208,7 +211,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str 
     w.add_rope_freq_base(rope_theta(config))
     w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     w.add_vocab_size(vocab_rows)
-    w.add_file_type(_file_type(outtype))
+    w.add_file_type(_file_type(dtype))
     add_tokenizer(w, model_dir, vocab_rows)
 
     plan = []
@@ -216,7 +219,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str 
         mapped = map_hf(n)
         assert mapped is not None
         shape = src.shape(n)
-        qtype = _ggml_type(outtype, shape)
+        qtype = _ggml_type(dtype, shape)
         byte_shape, np_dtype = _byte_shape(shape, qtype)
         nbytes = math.prod(byte_shape) * np.dtype(np_dtype).itemsize
         w.add_tensor_info(mapped.gguf, byte_shape, np_dtype, nbytes, raw_dtype=qtype)

@@ -7,23 +7,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.checkpoint.verify import VerifyResult, report_verification
 from lorakit.export.config import ExportConfig
-from lorakit.export.verify import VerifyResult
 
 log = logging.getLogger("lorakit")
 
 
 @dataclass
 class ExportResult:
+    """What `export_model` wrote: the output path, seconds taken, and the verification (None: skipped)."""
+
     output: Path
     seconds: float
     verify: VerifyResult | None = None
 
 
-def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16", verify: bool = True,
+def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", verify: bool = True,
                  overwrite: bool = False) -> ExportResult:
-    """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically."""
-    from lorakit.merge.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
+    """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically, with its
+    weights as `dtype` (precision.WEIGHT_TYPES: f32, f16, bf16; q8_0 for GGUF)."""
+    from lorakit.checkpoint.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
     from lorakit.models import resolve_model_dir
 
     start = time.perf_counter()
@@ -34,71 +37,66 @@ def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16",
         from lorakit.export.gguf_writer import write_gguf
 
         with atomic_file(out, overwrite) as tmp:
-            write_gguf(src, tmp, outtype)
+            write_gguf(src, tmp, dtype)
             if verify:
-                result.verify = verify_gguf(src, tmp, outtype)
+                result.verify = verify_gguf(src, tmp, dtype)
     else:
         import json
 
-        from lorakit.export.pth import write_pth
-        from lorakit.merge.safetensors_io import SafetensorsFolder, iter_tensors
+        from lorakit.checkpoint.pth import write_pth
+        from lorakit.formats.safetensors_io import SafetensorsFolder, iter_tensors
+        from lorakit.precision import torch_dtype
 
         config = json.loads((src / "config.json").read_text())
         with atomic_dir(out, overwrite) as tmp:
-            tensors = iter_tensors(SafetensorsFolder(src))
-            if outtype in ("f32", "f16", "bf16"):
-                import torch
-
-                dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[outtype]
-                tensors = ((n, t.to(dtype)) for n, t in tensors)
+            to = torch_dtype(dtype)
+            tensors = ((n, t.to(to)) for n, t in iter_tensors(SafetensorsFolder(src)))
             write_pth(tensors, config, tmp)
             copy_tokenizer(tokenizer_source(None, [], src), tmp)
             if verify:
-                result.verify = verify_pth(src, tmp, outtype)
+                result.verify = verify_pth(src, tmp, dtype)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _vocab_rows(src: Path) -> int:
-    from lorakit.merge.safetensors_io import SafetensorsFolder
+    from lorakit.formats.safetensors_io import SafetensorsFolder
 
     return SafetensorsFolder(src).shape("model.embed_tokens.weight")[0]
 
 
-def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult | None:
+def verify_gguf(src: Path, gguf_file: Path, dtype: str) -> VerifyResult | None:
     """Logits of transformers' own GGUF loader on the written file vs the source HF model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export.verify import round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.verify import round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
-    return round_trip(f"GGUF {outtype}", param_count(src), _vocab_rows(src), outtype,
+    return round_trip(f"GGUF {dtype}", param_count(src), _vocab_rows(src), dtype,
                       reference=lambda dtype: load_model(src, dtype),
                       written=lambda dtype: AutoModelForCausalLM.from_pretrained(
                           gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype)))
 
 
-def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
+def verify_pth(src: Path, folder: Path, dtype: str) -> VerifyResult | None:
     """Logits of lorakit's pth reader on the written folder vs the source HF model."""
     import torch
 
-    from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.pth import load_pth_model
+    from lorakit.checkpoint.verify import round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
-    return round_trip("pth", param_count(src), _vocab_rows(src), {"bf16": "bf16", "f16": "f16"}.get(outtype, "f32"),
+    return round_trip("pth", param_count(src), _vocab_rows(src), dtype,
                       reference=lambda dtype: load_model(src, dtype),
                       written=lambda dtype: load_pth_model(folder, getattr(torch, dtype)))
 
 
 def run_export(cfg: ExportConfig) -> int:
-    result = export_model(cfg.model, cfg.format, cfg.output, cfg.outtype, cfg.verify, cfg.overwrite)
-    print(f"exported {cfg.model} -> {result.output} ({cfg.format}, {cfg.outtype}) in {result.seconds:.1f}s")
-    if result.verify is not None:
-        print(f"verify: {result.verify.summary()}")
-    elif cfg.verify:
-        print("verify: skipped, the model does not fit in memory (see the warning above)")
+    """The `lorakit export` verb: export, print the result; returns the exit code."""
+    result = export_model(cfg.model, cfg.format, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite)
+    print(f"exported {cfg.model} -> {result.output} ({cfg.format}, {cfg.dtype}) in {result.seconds:.1f}s")
+    report_verification(result.verify, cfg.verify)
     return 0

@@ -1,11 +1,14 @@
 """The one generation engine every front end (CLI, batch file, web page, API server) uses.
 
 - `generate_batch(model, tokenizer, prompts, params)`: plain batched generation (training/eval code).
-- `Engine`: model + adapters + prompt template loaded once, a batching worker, streaming.
+- `Engine`: a `ModelSession` (model + adapters + prompt template, loaded once; session.py) served by a
+  batching worker with streaming (runner.py).
 """
 
-from lorakit.generate.engine import GenerationParams, Request, generate_batch, run_batch
-from lorakit.generate.runner import Engine, PromptTooLongError, TextStream, UnknownModelError
+from lorakit.generate.batch import generate_batch, run_batch
+from lorakit.generate.params import GenerationParams, Request
+from lorakit.generate.runner import Engine, TextStream
+from lorakit.generate.session import ModelSession, PromptTooLongError, UnknownModelError
 
-__all__ = ["Engine", "GenerationParams", "PromptTooLongError", "Request", "TextStream", "UnknownModelError",
-           "generate_batch", "run_batch"]
+__all__ = ["Engine", "GenerationParams", "ModelSession", "PromptTooLongError", "Request", "TextStream",
+           "UnknownModelError", "generate_batch", "run_batch"]

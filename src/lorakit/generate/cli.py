@@ -7,8 +7,9 @@ import sys
 from typing import TextIO
 
 from lorakit.generate.config import GenerateConfig
-from lorakit.generate.engine import GenerationParams
-from lorakit.generate.runner import Engine, PromptTooLongError
+from lorakit.generate.params import GenerationParams
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError
 
 HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D too)"
 
@@ -83,6 +84,7 @@ def interactive(engine: Engine, params: GenerationParams, stream: bool, out: Tex
 
 
 def run_generate(cfg: GenerateConfig) -> int:
+    """The `lorakit generate` verb: one prompt, or an interactive session; returns the exit code."""
     params = cfg.generation_params()
     engine = Engine.load(cfg)
     try:

@@ -14,12 +14,15 @@ from lorakit.options import ModelOptions, Precision, adapter_option
 
 @dataclass
 class EngineOptions(ModelOptions):
+    """Options for loading a generation engine: base model, adapters, template, precision."""
+
     lora_weights: list[str] = adapter_option("LoRA adapter folder(s), applied in order; NAME=PATH names one (the "
                                              "server selects adapters by name)")
     prompt_template: str = opt("auto", "auto (the template the adapter was trained with, else the tokenizer's "
                                        "chat template if it has one, else alpaca), chat, alpaca, "
                                        "alpaca_short, alpaca_legacy, vigogne, chinese_alpaca or a .json path")
-    precision: Precision = opt("auto", "weights dtype: auto = bf16 where the hardware computes in bf16 "
+    precision: Precision = opt("auto", "compute precision (the model is held in it; a file's weight type "
+                                       "is --dtype of merge/export): auto = bf16 where the hardware computes in bf16 "
                                        "(GPU, or a CPU with AVX512-BF16/AMX: ~1.8x faster decoding), else "
                                        "fp32; fp32 gives the exact full-precision logits")
     merge: bool = opt(True, "merge the adapters into the weights in memory (faster); --no-merge keeps "
@@ -45,6 +48,8 @@ class EngineOptions(ModelOptions):
 
 @dataclass
 class SamplingOptions:
+    """Sampling flags shared by generate, infer, serve and webui (-> GenerationParams)."""
+
     max_new_tokens: int = opt(256, "most tokens to generate per response")
     temperature: float = opt(0.1, "sampling temperature (0: greedy)")
     top_p: float = opt(0.75, "nucleus sampling: smallest set of tokens with this probability mass")
@@ -57,7 +62,7 @@ class SamplingOptions:
     seed: int | None = opt(None, "random seed for reproducible sampling")
 
     def generation_params(self):
-        from lorakit.generate.engine import GenerationParams
+        from lorakit.generate.params import GenerationParams
 
         return GenerationParams.from_fields(self, stop=list(self.stop))
 

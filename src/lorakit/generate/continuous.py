@@ -1,9 +1,10 @@
 """Continuous batching: requests join and leave a running decode batch between steps.
 
 With HF `generate`, a batch is fixed once started, so a request arriving a moment too late waits for the
-whole batch to finish. `RunningBatch` runs its own decode loop instead: new requests are prefilled
-(as one left-padded batch) and their KV cache is concatenated to the running one; finished rows are
-dropped at once. Invariants, for B rows and L cached positions:
+whole batch to finish (see docs/design.md#continuous-batching-in-lorakits-own-decode-loop).
+`RunningBatch` runs its own decode loop instead: new requests are prefilled (as one left-padded batch)
+and their KV cache is concatenated to the running one; finished rows are dropped at once.
+Invariants, for B rows and L cached positions:
 
 - `ids`, `mask` (B, L): the tokens whose keys/values are in `cache`, left-padded (mask 0 = padding);
 - `next` (B,): each row's newest token, sampled but not yet fed to the model;
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from lorakit.generate.engine import Request, stop_token_ids
+from lorakit.generate.batch import stop_token_ids
+from lorakit.generate.params import Request
 from lorakit.generate.sampling import RowSampler, TokenStream, make_generator
 
 

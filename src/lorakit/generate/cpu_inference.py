@@ -2,13 +2,12 @@
 
 A decode step is ~200 matrix-vector products plus ~1,500 small tensor ops, and on a CPU both cost:
 
-- **Prepacked weights** (`PackedLinear`): at batch 1-8, `F.linear` on a plain bf16 weight reaches only
-  ~8-12 GB/s; with the weight reordered once into oneDNN's blocked layout the same product runs about 2x
-  faster (1536x576, AVX512-BF16: 190 -> 91 us) and gives bit-identical results. This is what
-  `torch.compile`'s freezing pass does for CPU, without a compile (which takes minutes on 2 cores).
+- **Prepacked weights** (`PackedLinear`): the weight reordered once into oneDNN's blocked layout
+  (what `torch.compile`'s freezing pass does for CPU, without a compile); bit-identical results.
 - **Fused projections**: q/k/v become one product, gate/up another (`FusedAttention`, `FusedMLP`), and
-  RMSNorm uses the fused `F.rms_norm` (`models.rmsnorm.RMSNorm`); fewer, larger calls. Measured on smollm2-135m:
-  21 -> 26 tokens/s at batch 1 on top of packing; the same greedy text.
+  RMSNorm uses the fused `F.rms_norm` (`models.rmsnorm.RMSNorm`); fewer, larger calls.
+
+Figures: docs/performance.md#prepacked-fused-linear-layers-for-cpu-decoding.
 
 The fused modules mirror transformers' Llama modules line by line except for the fusion, and use the
 same attention function, cache and masks. Only weights that no longer change are touched: a model with

@@ -96,6 +96,7 @@ def _without_response(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_infer(cfg: InferConfig) -> int:
+    """The `lorakit infer` verb: a JSON/JSONL file of records -> a JSONL file of answers; returns the exit code."""
     from tqdm.auto import tqdm
 
     items = read_inputs(Path(cfg.data_file), cfg.limit)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> str:
@@ -25,14 +28,11 @@ def choose_template(name: str, tokenizer: Any, adapter_dirs: Sequence[Path]) -> 
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
-def resolve_dtype(precision: str):
-    import torch
+def resolve_dtype(precision: str) -> torch.dtype:
+    """--precision of an inference run -> the dtype the model is held (and computes) in. `auto`: bf16
+    where the CPU/GPU computes in bf16, else fp32 (why bf16 weights: docs/performance.md#bf16-weights)."""
+    from lorakit.precision import bf16_supported, torch_dtype
 
     if precision == "auto":
-        # Decoding is memory-bound and bf16 weights halve the bytes read per token; measured on smollm2-135m,
-        # 2 cores with AVX512-BF16: 28 vs 15 tokens/s at batch 1, 93 vs 70 at batch 8. Where bf16 is
-        # emulated (no AVX512-BF16/AMX) it is slower than fp32.
-        from lorakit.precision import bf16_supported
-
-        return torch.bfloat16 if bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return torch_dtype("bf16" if bf16_supported() else "fp32")
+    return torch_dtype(precision)

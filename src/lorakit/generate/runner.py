@@ -1,4 +1,4 @@
-"""`Engine`: a model loaded once, plus a background worker that batches concurrent requests.
+"""`Engine`: a `ModelSession` (session.py) plus a background worker that batches concurrent requests.
 
 Dynamic batching: one worker thread owns the model. When idle, it takes the first queued request and
 waits a few milliseconds (`gather_ms`, restarting with each arrival) so a burst is prefilled together.
@@ -11,33 +11,22 @@ request (client gone) ends its row at the next token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.errors import LorakitError
-from lorakit.generate.engine import GenerationParams, Request, run_batch
-from lorakit.generate.loading import choose_template, resolve_dtype
+from lorakit.generate.batch import run_batch
+from lorakit.generate.params import GenerationParams, Request
+from lorakit.generate.session import ModelSession
 
 if TYPE_CHECKING:
-    from lorakit.generate.config import EngineOptions
     from lorakit.prompts import ChatPrompter, Prompter
 
 log = logging.getLogger("lorakit")
 _DONE = object()
-
-
-class PromptTooLongError(LorakitError):
-    """The prompt plus the requested new tokens do not fit the model's context."""
-
-
-class UnknownModelError(LorakitError):
-    """A request named a model/adapter the engine does not serve."""
 
 
 def _torch_threads() -> int:
@@ -46,122 +35,31 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-class Engine:
-    """A loaded model + tokenizer + prompter, served by one batching worker thread."""
+class Engine(ModelSession):
+    """A loaded model + tokenizer + prompter (`ModelSession`), served by one batching worker thread."""
 
     def __init__(self, model: Any, tokenizer: Any, prompter: Prompter | ChatPrompter, *, base_name: str = "base",
                  adapter_names: Sequence[str] = (), merged_name: str | None = None, max_batch_size: int = 16,
                  gather_ms: float = 20.0, continuous: bool = True):
-        self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
-        self.base_name = base_name
-        self.adapter_names = list(adapter_names)  # selectable (unmerged) adapters
-        self.merged_name = merged_name            # set when adapters were merged into the weights
+        super().__init__(model, tokenizer, prompter, base_name=base_name, adapter_names=adapter_names,
+                         merged_name=merged_name)
         self.max_batch_size = max_batch_size
         self.gather_s = gather_ms / 1000
         self.continuous = continuous  # continuous batching in the worker (else fixed batches)
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        # A new thread's OpenMP team does not inherit torch.set_num_threads (measured: the worker ran
-        # single-threaded); the worker sets the creating thread's count so both paths compute alike.
+        # A new thread's OpenMP team does not inherit torch.set_num_threads (docs/performance.md, "The worker
+        # thread's thread count"); the worker sets the creating thread's count so both paths compute alike.
         self.num_threads = _torch_threads()
         self.batches_run = 0  # statistics: how many generate calls, and their sizes
         self.batch_sizes: list[int] = []
-
-    # ---- loading -----------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, opts: EngineOptions, merge: bool | None = None, **kwargs: Any) -> Engine:
-        """Load base model, adapters (merged or selectable), tokenizer and prompt template once."""
-        from lorakit.models import load_model_and_tokenizer, resolve_adapter_dir
-        from lorakit.prompts import get_prompter
-
-        merge = opts.merge if merge is None else merge
-        specs = opts.adapter_specs()
-        dirs = [resolve_adapter_dir(p) for _, p in specs]
-        model, tokenizer = load_model_and_tokenizer(opts.base_model, opts.tokenizer, [str(d) for d in dirs],
-                                                    dtype=resolve_dtype(opts.precision), merge=merge,
-                                                    names=[n for n, _ in specs])
-        template = choose_template(opts.prompt_template, tokenizer, dirs)
-        prompter = get_prompter(template, tokenizer)
-        import torch
-
-        from lorakit.generate.cpu_inference import optimize_for_cpu
-
-        if torch.cuda.is_available():
-            model = model.cuda()
-        model.eval()
-        optimized = optimize_for_cpu(model)  # bf16 on CPU: fused, prepacked layers (~2x faster decoding)
-        base_name = opts.base_model if "/" not in opts.base_model else Path(opts.base_model).name
-        names = [n for n, _ in specs]
-        log.info("engine: %s%s, template %r, %s%s", base_name,
-                 f" + {', '.join(names)} ({'merged' if merge else 'separate'})" if names else "",
-                 prompter.name, next(model.parameters()).dtype, f" ({optimized})" if optimized else "")
-        return cls(model, tokenizer, prompter, base_name=base_name,
-                   adapter_names=[] if merge else names,
-                   merged_name="+".join(names) if merge and names else None, **kwargs)
-
-    # ---- models and prompts ----------------------------------------------------------------------
-    @property
-    def model_names(self) -> list[str]:
-        """What the server lists: the merged model, or the base and each selectable adapter."""
-        if self.merged_name:
-            return [self.merged_name]
-        return [self.base_name, *self.adapter_names]
-
-    @property
-    def default_model(self) -> str:
-        return self.merged_name or (self.adapter_names[0] if self.adapter_names else self.base_name)
-
-    def resolve_model(self, name: str | None) -> str | None:
-        """Model name -> adapter to activate (None: the weights as loaded, i.e. base or merged)."""
-        name = name or self.default_model
-        if name in self.adapter_names:
-            return name
-        if name in (self.merged_name, self.base_name) and (self.merged_name is None or name == self.merged_name):
-            return None
-        raise UnknownModelError(f"model {name!r} is not served here; available: {', '.join(self.model_names)}")
-
-    def encode(self, prompt: str, special: bool | None = None) -> list[int]:
-        """Token ids of a prompt. By default BOS etc. are added except for chat-template prompts, which
-        carry their own special tokens; raw completions pass `special=True`."""
-        special = self.prompter.kind != "chat" if special is None else special
-        return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
-
-    def instruction_ids(self, instruction: str, input: str | None = None) -> list[int]:  # noqa: A002
-        return self.encode(self.prompter.generate_prompt(instruction, input or None))
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.encode(self.prompter.chat_prompt(messages))
-
-    @property
-    def template_stops(self) -> list[str]:
-        """The chat template's end-of-turn; for alpaca-style templates the start of a next section
-        ("\n### Instruction:"), where an under-trained model tends to go on with an invented exchange."""
-        stops = list(self.prompter.stop_strings)
-        template = getattr(self.prompter, "template", None)
-        if template is not None:
-            head = template.prompt_no_input.split("{instruction}")[0].rstrip()
-            if head:
-                stops.append("\n" + head.splitlines()[-1])
-        return stops
-
-    def with_template_stops(self, params: GenerationParams) -> GenerationParams:
-        from dataclasses import replace
-
-        return replace(params, stop=list(dict.fromkeys([*params.stop, *self.template_stops])))
-
-    def check_length(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
-        if self.context_length and len(prompt_ids) + params.max_new_tokens > self.context_length:
-            raise PromptTooLongError(
-                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
-                f"model's context of {self.context_length} tokens")
 
     # ---- running ---------------------------------------------------------------------------------
     def _run(self, requests: list[Request]) -> None:
         self.batches_run += 1
         self.batch_sizes.append(len(requests))
-        with self._adapter_context(requests[0].adapter):
+        with self.adapter_context(requests[0].adapter):
             run_batch(self.model, self.tokenizer, requests)
 
     def run_now(self, requests: list[Request]) -> None:
@@ -248,15 +146,6 @@ class Engine:
             batch.append(item)
         return batch
 
-    def _adapter_context(self, adapter: str | None) -> Any:
-        """Activate `adapter` on an unmerged PeftModel (None: the base weights) for one model call."""
-        if not (hasattr(self.model, "disable_adapter") and hasattr(self.model, "set_adapter")):
-            return contextlib.nullcontext()
-        if adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(adapter)
-        return contextlib.nullcontext()
-
     def _worker(self) -> None:
         import torch
 
@@ -314,12 +203,12 @@ class Engine:
                     if admit:
                         for r in admit:
                             pending.remove(r)
-                        with self._adapter_context(adapter):
+                        with self.adapter_context(adapter):
                             running.add(admit)
                         self.batches_run += 1
                         self.batch_sizes.append(len(running))
                     if running:
-                        with self._adapter_context(adapter):
+                        with self.adapter_context(adapter):
                             running.step()
                 except Exception as e:  # noqa: BLE001 (reported to each request's owner)
                     log.exception("generation failed")

@@ -2,7 +2,7 @@
 
 Requests batched together may each want different sampling settings, seeds, stop strings and lengths.
 HF `generate` applies one setting to the whole batch, so the engine runs it greedy (`do_sample=False`)
-and plugs in two hooks that work row by row:
+and plugs in two hooks that work row by row (why: docs/design.md#per-row-sampling-hooks-instead-of-hfs-sampling):
 
 - `RowSampler` (a LogitsProcessor): repetition penalty, temperature, top-k, top-p and a per-request
   `torch.Generator`; a sampled row's scores become one-hot (0 at the drawn token, -inf elsewhere), so
@@ -27,7 +27,7 @@ from transformers import LogitsProcessor, StoppingCriteria
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from lorakit.generate.engine import GenerationParams
+    from lorakit.generate.params import GenerationParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:

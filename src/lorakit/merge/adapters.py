@@ -45,6 +45,8 @@ class LoraPair:
 
 @dataclass
 class LoraAdapter:
+    """One PEFT adapter read from its headers: config, LoRA pairs and replaced tensors by base tensor name."""
+
     path: Path
     config: dict[str, Any]
     lora: dict[str, LoraPair] = field(default_factory=dict)  # base tensor name -> update
@@ -55,11 +57,13 @@ class LoraAdapter:
     _handle: Any = None
 
     def tensor(self, key: str) -> torch.Tensor:
+        """One tensor of the adapter file by its key, as stored (`shapes[key]`)."""
         if isinstance(self._handle, dict):
             return self._handle[key]
         return self._handle.get_tensor(key)
 
     def replacement(self, name: str) -> torch.Tensor:
+        """The adapter's full copy of base tensor `name` (modules_to_save), shape `replacement_shape(name)`."""
         return self.tensor(self.replace[name])
 
     def replacement_shape(self, name: str) -> list[int]:

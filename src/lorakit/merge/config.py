@@ -11,6 +11,8 @@ from lorakit.options import adapter_option
 
 @dataclass
 class MergeConfig:
+    """Options of `lorakit merge`."""
+
     base_model: str = opt("smollm2-135m", "base model: a Hugging Face safetensors folder, a .gguf file or an alias")
     lora_weights: list[str] = adapter_option("LoRA adapter folder(s), merged in the given order (comma list)",
                                              required=True)
@@ -20,13 +22,16 @@ class MergeConfig:
                                                                     "(Meta consolidated.NN.pth + params.json)")
     tokenizer: str | None = opt(None, "tokenizer for the merged model (default: the last adapter's, else the base's)")
     max_shard_size: str = opt("2GB", "largest safetensors shard of the output (huggingface type)")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = opt("auto", "weight type of the output "
-                                                                         "(auto: the base's)")
+    dtype: str = opt("auto", "weight type of the output: auto (the base's), f32, f16 or bf16 "
+                             "(float32/float16/bfloat16 are accepted too)")
     verify: bool = opt(True, "reload the output and compare logits with PEFT's in-memory merge (loads the "
                              "model in memory: use --no-verify when it does not fit)")
     overwrite: bool = opt(False, "replace a non-empty --output-dir")
 
     def validate(self) -> None:
-        from lorakit.merge.safetensors_io import parse_size
+        from lorakit.formats.shard_writer import parse_size
+        from lorakit.precision import FLOAT_TYPES, weight_type
 
         parse_size(self.max_shard_size)
+        if self.dtype != "auto":
+            self.dtype = weight_type(self.dtype, FLOAT_TYPES).name

@@ -8,27 +8,34 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lorakit.checkpoint.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
+from lorakit.checkpoint.verify import report_verification
+from lorakit.formats.shard_writer import StreamingShardWriter, parse_size
 from lorakit.merge.config import MergeConfig
-from lorakit.merge.output import atomic_dir, check_output_dir, copy_tokenizer, has_tokenizer, tokenizer_source
-from lorakit.merge.safetensors_io import StreamingShardWriter, parse_size
 from lorakit.merge.streaming import iter_merged, plan_merge, write_merged
+
+if TYPE_CHECKING:
+    from lorakit.checkpoint.verify import VerifyResult
 
 log = logging.getLogger("lorakit")
 
 
 @dataclass
-class MergeResult:
+class AdapterMergeResult:
+    """What merging LoRA adapters into a base model wrote (`merge_model`, the `lorakit merge` verb)."""
+
     output_dir: Path
     files: list[str]
     vocab_size: int
     seconds: float
-    verify: object | None = None  # lorakit.export.verify.VerifyResult
+    verify: VerifyResult | None = None
 
 
 def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, output_type: str = "huggingface",
                 dtype: str = "auto", max_shard_size: str = "2GB", tokenizer: str | None = None,
-                verify: bool = True, overwrite: bool = False) -> MergeResult:
+                verify: bool = True, overwrite: bool = False) -> AdapterMergeResult:
     """Merge `adapters` into `base_model` tensor by tensor and write `output_dir` atomically."""
     from tqdm import tqdm
 
@@ -54,7 +61,7 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
         with atomic_dir(out, overwrite) as tmp:
             bar = {"total": len(plan.tensors), "desc": "merging", "unit": "tensor", "leave": False}
             if output_type == "pth":
-                from lorakit.export.pth import write_pth
+                from lorakit.checkpoint.pth import write_pth
 
                 files = write_pth(tqdm(iter_merged(plan), **bar), plan.config, tmp)
             else:
@@ -69,7 +76,7 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
                     shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
             if tok_source is not None:
                 copy_tokenizer(tok_source, tmp)
-            result = MergeResult(out, files, plan.vocab_size, 0.0)
+            result = AdapterMergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
                                              plan.tensors[0].dtype, plan.vocab_size)
@@ -84,27 +91,25 @@ def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type
     """Logits of the written model vs PEFT's in-memory sequential merge (one model in memory at a time)."""
     import torch
 
-    from lorakit.export.pth import load_pth_model
-    from lorakit.export.verify import merged_in_memory, round_trip
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.checkpoint.pth import load_pth_model
+    from lorakit.checkpoint.verify import merged_in_memory, round_trip
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
+    from lorakit.precision import weight_type
 
     def written(dtype: str):
         return load_pth_model(folder, getattr(torch, dtype)) if output_type == "pth" else load_model(folder, dtype)
 
-    weight_type = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
     return round_trip(f"merged model ({output_type})", param_count(base_model), vocab_size,
-                      weight_type, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
+                      weight_type(st_dtype).name, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
                       written=written)
 
 
 def run_merge(cfg: MergeConfig) -> int:
+    """The `lorakit merge` verb: merge, print the result; returns the exit code."""
     result = merge_model(cfg.base_model, cfg.lora_weights, cfg.output_dir, cfg.output_type, cfg.dtype,
                          cfg.max_shard_size, cfg.tokenizer, cfg.verify, cfg.overwrite)
     print(f"merged {len(cfg.lora_weights)} adapter(s) into {result.output_dir} "
           f"({len(result.files)} weight file(s), vocab {result.vocab_size}) in {result.seconds:.1f}s")
-    if result.verify is not None:
-        print(f"verify: {result.verify.summary()}")  # type: ignore[attr-defined]
-    elif cfg.verify:
-        print("verify: skipped, the model does not fit in memory (see the warning above)")
+    report_verification(result.verify, cfg.verify)
     return 0

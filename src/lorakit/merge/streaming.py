@@ -21,17 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
+from lorakit.formats.safetensors_io import FileRange, SafetensorsFolder, st_dtype, torch_dtype
+from lorakit.formats.shard_writer import BufferPool, PlannedTensor, StreamingShardWriter
 from lorakit.merge.adapters import LoraAdapter, open_adapter
-from lorakit.merge.safetensors_io import (
-    BufferPool,
-    FileRange,
-    PlannedTensor,
-    SafetensorsFolder,
-    StreamingShardWriter,
-    st_dtype,
-    torch_dtype,
-)
 from lorakit.models.layout import check_llama_names
+from lorakit.precision import torch_dtype as torch_dtype_of
+from lorakit.precision import weight_type
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +42,8 @@ Op = tuple
 
 @dataclass
 class MergePlan:
+    """A checked merge: the base and adapters opened, the output config and tensors, and each tensor's steps."""
+
     base: SafetensorsFolder
     config: dict[str, Any]  # the output config.json (vocab_size, tie_word_embeddings, dtype updated)
     adapters: list[LoraAdapter]
@@ -64,11 +61,11 @@ class MergePlan:
 
 
 def _out_dtype(requested: str, base_dtype: torch.dtype) -> torch.dtype:
-    import torch
-
+    """The output dtype of a tensor stored as `base_dtype`: `requested` (any precision.WEIGHT_TYPES
+    spelling of a float type, or "auto": unchanged) for float tensors; others stay as they are."""
     if requested == "auto" or not base_dtype.is_floating_point:
         return base_dtype
-    return getattr(torch, requested)
+    return torch_dtype_of(requested)
 
 
 def _weights_file(a: LoraAdapter) -> Path:
@@ -135,7 +132,7 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
     if config.get("tie_word_embeddings") and not tied:
         out_config["tie_word_embeddings"] = False
     if dtype != "auto":
-        out_config["dtype"] = dtype
+        out_config["dtype"] = weight_type(dtype).torch
         out_config.pop("torch_dtype", None)
     return MergePlan(base, out_config, adapters, tensors, ops)
 
@@ -213,7 +210,7 @@ def write_merged(plan: MergePlan, writer: StreamingShardWriter, progress: Callab
         plan.base.close()
 
     # One compute thread: the merge is memory-bound, and a second OpenMP thread spinning on the other core
-    # starves the writer thread (measured on 2 cores, 2.1 GB: 1.0-1.1 s with one thread, 1.3-1.5 s with two).
+    # starves the writer thread (docs/performance.md#streaming-merge-memory-and-time).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -66,6 +66,8 @@ IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
 
 @dataclass(frozen=True)
 class Mapped:
+    """An HF tensor name resolved to its naming rule and layer: its Meta and GGUF names follow."""
+
     rule: TensorRule
     layer: int | None
 
@@ -115,7 +117,8 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of `hf_to_meta_rows` (the permutation of HF's convert_llama_weights_to_hf)."""
+    """Inverse of `hf_to_meta_rows`: Meta rows [n_heads*head_dim, in] -> HF order (the permutation of HF's
+    convert_llama_weights_to_hf; same shape)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -130,6 +133,7 @@ def rotary_heads(rule: TensorRule, config: dict[str, Any]) -> int | None:
 
 
 def rope_theta(config: dict[str, Any]) -> float:
+    """The rotary base frequency of an HF config (rope_theta or rope_parameters), default 10000."""
     params = config.get("rope_parameters") or {}
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
@@ -202,4 +206,5 @@ META_SHARDS_BY_DIM = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 
 
 def meta_num_shards(config: dict[str, Any]) -> int:
+    """How many consolidated.NN.pth files Meta's layout uses for a model of this hidden size."""
     return META_SHARDS_BY_DIM.get(int(config["hidden_size"]), 1)

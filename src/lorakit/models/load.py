@@ -83,6 +83,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def embedding_rows(model: PreTrainedModel) -> int:
+    """Rows of the input embedding of `model` (its vocabulary size as loaded)."""
     return int(model.get_input_embeddings().weight.shape[0])
 
 
@@ -139,8 +140,9 @@ def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | str | Non
 
     folder = resolve_model_dir(model_dir)
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        from lorakit.precision import torch_dtype
+
+        dtype = torch_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
                                                 attn_implementation=attn_implementation)
 

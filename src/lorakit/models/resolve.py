@@ -47,6 +47,7 @@ def _alias_file(alias: str) -> Path | None:
 
 
 def is_hf_model_dir(path: Path) -> bool:
+    """True when `path` is a folder with a config.json."""
     return path.is_dir() and (path / "config.json").is_file()
 
 
@@ -80,6 +81,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def resolve_adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """A PEFT adapter folder (with adapter_config.json) -> its Path; ModelNotFoundError otherwise."""
     p = Path(path).expanduser()
     if (p / "adapter_config.json").is_file():
         from lorakit.models.adapter_check import validate_adapter_dir

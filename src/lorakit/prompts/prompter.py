@@ -27,6 +27,8 @@ _TEMPLATE_FIELDS = ("prompt_input", "prompt_no_input", "response_split")
 
 @dataclass(frozen=True)
 class Template:
+    """An alpaca-lora JSON template: name, description, prompts with and without input, response split."""
+
     name: str
     description: str
     prompt_input: str
@@ -35,6 +37,7 @@ class Template:
 
 
 def available_templates() -> list[str]:
+    """Names of the built-in JSON templates, and `chat` (the tokenizer's chat template)."""
     folder = resources.files("lorakit.prompts") / "templates"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")) + ["chat"]
 

@@ -31,6 +31,8 @@ class RequestFailed(LorakitError):
 
 @dataclass
 class Reply:
+    """One chat completion: its text (None: no content), token usage and finish reason."""
+
     text: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -11,6 +11,8 @@ from lorakit.errors import ConfigError
 
 @dataclass
 class SelfInstructConfig:
+    """Options of `lorakit self-instruct`."""
+
     api_base: str = opt(help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     model: str = opt(help="model name sent to the endpoint")
     num_examples: int = opt(help="stop when the output file holds exactly this many kept examples")

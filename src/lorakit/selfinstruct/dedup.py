@@ -1,7 +1,8 @@
 """Exact and near-duplicate filtering with ROUGE-L, fast enough for tens of thousands of examples.
 
 Self-Instruct drops a new instruction whose ROUGE-L F1 with any kept one exceeds 0.7. Comparing each
-new text with every kept one is quadratic; here:
+new text with every kept one is quadratic (why by hand: docs/design.md#self-instruct-near-duplicates-by-hand);
+here:
 
 1. Texts are tokenized the ROUGE way (lower case, runs of letters/digits), with each CJK character a
    token of its own so that Chinese works too.

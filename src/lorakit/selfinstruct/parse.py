@@ -26,6 +26,8 @@ _NO_INPUT = {"", "<noinput>", "<no input>", "noinput", "none", "n/a", "null", "æ
 
 @dataclass
 class ParsedReply:
+    """The JSON items found in one model reply, how many could not be decoded, and whether any array was found."""
+
     items: list[Any] = field(default_factory=list)  # decoded JSON values (objects, normally)
     malformed: int = 0  # items that could not be decoded
     found: bool = False  # whether the reply held a JSON array/object at all

@@ -82,6 +82,8 @@ _SEP = {"en": ", ", "zh": "、"}
 
 @dataclass
 class SeedTask:
+    """One seed task: instruction, input and output."""
+
     instruction: str
     input: str
     output: str

@@ -35,6 +35,8 @@ DROP_REASONS = ("malformed", "missing_field", "duplicate", "similar")
 
 @dataclass
 class Stats:
+    """Counts of a self-instruct run: target, existing records, requests, retries and what was kept or dropped."""
+
     target: int = 0
     existing: int = 0  # valid records already in the output when the run started
     repaired_bytes: int = 0  # partial last line cut off on start
@@ -252,6 +254,7 @@ _CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai")
 
 
 def run_self_instruct(cfg: SelfInstructConfig) -> int:
+    """The `lorakit self-instruct` verb: generate tasks until the target count; returns the exit code."""
     key = _api_key(cfg)
     handlers = logging.getLogger().handlers
     redact = _RedactFilter(key)

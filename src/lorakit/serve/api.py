@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import time
 import uuid
 from collections import Counter
@@ -28,45 +27,15 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import ConfigError
-from lorakit.generate.engine import GenerationParams
-from lorakit.generate.engine import Request as GenRequest
-from lorakit.generate.runner import Engine, PromptTooLongError, UnknownModelError
+from lorakit.generate.params import GenerationParams
+from lorakit.generate.params import Request as GenRequest
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError, UnknownModelError
 from lorakit.serve.config import ServeConfig
+from lorakit.serve.errors import APIError, ApiKeyMiddleware, error_body
 from lorakit.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger("lorakit")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class ApiKeyMiddleware:
-    """401 for /v1 requests without `Authorization: Bearer KEY`. Plain ASGI on purpose: Starlette's
-    BaseHTTPMiddleware (`@app.middleware`) hides a client's disconnect from `request.is_disconnected()`,
-    so a plain request whose client gave up would generate on to the end."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app, self.api_key = app, api_key.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            token = header[7:] if header.lower().startswith(b"bearer ") else b""
-            if not secrets.compare_digest(token, self.api_key):
-                response = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer KEY)",
-                                                   code="invalid_api_key"), status_code=401)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int = 2048,
@@ -283,6 +252,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
 
 
 def run_serve(cfg: ServeConfig) -> int:
+    """The `lorakit serve` verb: load the engine and serve the API until interrupted; returns the exit code."""
     import uvicorn
 
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY") or None

@@ -11,12 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TextPart(BaseModel):
+    """One text part of a message's content list."""
+
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
+    """One chat message: role and content (a string or text parts)."""
+
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -27,11 +31,15 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's stream_options: whether the last chunk carries usage."""
+
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
+    """Sampling fields shared by chat and text completion requests."""
+
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -57,9 +65,13 @@ class SamplingFields(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    """Body of POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(SamplingFields):
+    """Body of POST /v1/completions."""
+
     prompt: str | list[str]

@@ -11,8 +11,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lorakit.generate.engine import GenerationParams
-from lorakit.generate.runner import Engine, PromptTooLongError
+from lorakit.generate.params import GenerationParams
+from lorakit.generate.runner import Engine
+from lorakit.generate.session import PromptTooLongError
 from lorakit.serve.config import WebuiConfig
 
 log = logging.getLogger("lorakit")
@@ -123,6 +124,7 @@ def _text(content: Any) -> str:
 
 
 def run_webui(cfg: WebuiConfig) -> int:
+    """The `lorakit webui` verb: load the engine and serve the Gradio page; returns the exit code."""
     engine = Engine.load(cfg)
     demo = build_demo(engine, cfg.generation_params())
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):

@@ -23,7 +23,7 @@ def _train_command(cfg: Any, verb: str, next_step: Callable[[Any, str], list[str
     code = relaunch_if_needed(cfg, verb)
     if code is not None:
         return code
-    from lorakit.train.engine import is_main_process
+    from lorakit.train.distributed import is_main_process
 
     train_here = getattr(importlib.import_module(f"lorakit.train.{verb}"), verb)  # finetune.finetune, ...
     summary = train_here(cfg)
@@ -47,8 +47,10 @@ def after_pretrain(cfg: PretrainConfig, adapter: str) -> list[str]:
 
 
 def run_finetune(cfg: FinetuneConfig) -> int:
+    """The `lorakit finetune` verb (relaunched under torchrun when --nproc asks); returns the exit code."""
     return _train_command(cfg, "finetune", after_finetune)
 
 
 def run_pretrain(cfg: PretrainConfig) -> int:
+    """The `lorakit pretrain` verb (relaunched under torchrun when --nproc asks); returns the exit code."""
     return _train_command(cfg, "pretrain", after_pretrain)

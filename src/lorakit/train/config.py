@@ -12,6 +12,8 @@ from lorakit.options import ModelOptions, Precision, PromptDataOptions, adapter_
 
 @dataclass
 class LoraOptions:
+    """LoRA options: rank, alpha, dropout, target modules, modules to save."""
+
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: int = opt(16, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
@@ -28,6 +30,8 @@ class LoraOptions:
 
 @dataclass
 class TrainOptions:
+    """Training options shared by finetune and pretrain: batches, schedule, precision, checkpoints, output."""
+
     output_dir: str = opt("./lora-alpaca", "where the adapter, logs, plot and checkpoints go")
     batch_size: int = opt(128, "global batch size (examples per optimizer step, via gradient accumulation)")
     micro_batch_size: int = opt(4, "examples per forward pass and process")
@@ -40,7 +44,8 @@ class TrainOptions:
     val_set_size: int = opt(2000, "examples held out for evaluation (0: none)")
     group_by_length: bool = opt(False, "batch examples of similar length together")
     padding_free: bool = opt(True, "flatten each micro-batch into one row without padding (faster, same result)")
-    precision: Precision = opt("auto", "auto (bf16 where the hardware supports it), fp32, bf16 or fp16")
+    precision: Precision = opt("auto", "compute precision: auto (bf16 where the hardware supports it), fp32, "
+                                        "bf16 or fp16 (frozen base weights and matmuls; LoRA weights stay fp32)")
     resume_from_checkpoint: str | None = opt(None, "a trainer checkpoint folder (exact resume), 'last' (the newest "
                                                    "in --output-dir), or an adapter folder (weights only)")
     seed: int = opt(42, "random seed (data order, LoRA init, dropout)")
@@ -78,12 +83,14 @@ class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, ModelOptions)
 
 @dataclass
 class EvalConfig(PromptDataOptions, ModelOptions):
+    """Options of `lorakit eval`."""
+
     lora_weights: list[str] = adapter_option("adapter folder(s) to apply, in order")
     micro_batch_size: int = opt(8, "examples per forward pass")
     exact_match: bool = opt(False, "also generate answers and report exact-match accuracy against the outputs")
     max_new_tokens: int = opt(64, "generation length for --exact-match")
     limit: int = opt(0, "evaluate only the first N examples (0: all)")
-    precision: Precision = opt("fp32", "fp32, bf16 or auto")
+    precision: Precision = opt("fp32", "compute precision of the evaluation: fp32, bf16 or auto")
 
     def validate(self) -> None:
         self.validate_data()

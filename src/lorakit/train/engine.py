@@ -4,7 +4,8 @@ HF Trainer brings gradient accumulation, checkpoints with optimizer/scheduler/RN
 resume), DDP/FSDP/DeepSpeed under torchrun/accelerate, evaluation and TensorBoard. This module adds
 what alpaca-lora users had to get right by hand: the global batch split into micro-batches across
 processes, padding-free batches with `use_cache=False`, fp32 LoRA weights under bf16, an output folder
-with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty. The
+with adapter + tokenizer + config + log + plot, and a check that the saved adapter is not empty
+(saving.py), and a summary of the run (summary.py); the Trainer subclasses are in trainers.py. The
 CPU-speed pieces it installs (per-example attention, cheaper LoRA dropout, the lm_head fused with the
 loss, RMSNorm with a hand-written backward) live in packed_attention.py, lora_layers.py, loss.py and
 models/rmsnorm.py, each tested against the computation it replaces. Under DDP (`--nproc`, on a CPU
@@ -17,103 +18,37 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import resource
-import shutil
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from lorakit.config import save_yaml
-from lorakit.data.balance import BalancedOrder
 from lorakit.data.collators import make_collator
 from lorakit.errors import ConfigError, LorakitError, OutputExistsError
 from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.precision import resolve_precision
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
-from lorakit.train.checkpoints import (
-    CompleteCheckpoints,
-    check_checkpoint,
-    is_checkpoint_dir,
-    latest_complete_checkpoint,
-)
+from lorakit.train.checkpoints import check_checkpoint, is_checkpoint_dir, latest_complete_checkpoint
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
+from lorakit.train.distributed import across_processes, ddp_skip_frozen, is_main_process, world_size
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
+from lorakit.train.saving import ADAPTER_FILE, load_adapter_weights, save_final
+from lorakit.train.summary import SUMMARY_FILE, TrainSummary, peak_rss_mb
+from lorakit.train.trainers import BalancedTrainer, TokenCountingTrainer
 
 log = logging.getLogger("lorakit")
-ADAPTER_FILE = "adapter_model.safetensors"
-SUMMARY_FILE = "train_summary.json"
-
-
-@dataclass
-class TrainSummary:
-    output_dir: str
-    global_step: int
-    train_loss: float
-    eval_loss: float | None
-    train_seconds: float
-    tokens_seen: int
-    tokens_per_second: float
-    peak_rss_mb: float
-    precision: str
-    trainable_params: int
-    extra: dict[str, Any] = field(default_factory=dict)
-    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated of this process, when on CUDA
-    processes: int = 1
-    peak_rss_mb_all: float = 0.0  # sum of the processes' peaks (what the machine had to hold)
-    cpu_seconds: float = 0.0  # CPU time of all processes while training
-
-    def describe(self) -> str:
-        """The one-line result printed by `finetune` and `pretrain`."""
-        eval_part = f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else ""
-        memory = (f"peak RSS {self.peak_rss_mb:.0f} MB" if self.processes == 1 else
-                  f"{self.processes} processes, peak RSS {self.peak_rss_mb_all:.0f} MB in all")
-        gpu = "" if self.peak_gpu_mb is None else f", peak GPU {self.peak_gpu_mb:.0f} MB"
-        return (f"done: {self.global_step} steps, train loss {self.train_loss:.4f}{eval_part}, "
-                f"{self.tokens_per_second:.0f} tokens/s, {memory}{gpu}, precision {self.precision}")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (in DDP: of this rank) since it started, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def read_summary(output_dir: str | os.PathLike[str]) -> TrainSummary:
-    """The TrainSummary a finished run wrote to its output folder."""
-    return TrainSummary(**json.loads((Path(output_dir) / SUMMARY_FILE).read_text(encoding="utf-8")))
-
-
-def across_processes(value: Any) -> list[Any]:
-    """`value` of every process (all must call this), or [value] outside a process group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def lora_config(cfg: LoraOptions):
+    """LoraOptions -> peft.LoraConfig for a causal LM."""
     from peft import LoraConfig, TaskType
 
     targets = cfg.lora_target_modules
@@ -138,117 +73,6 @@ def _resume_target(cfg: TrainOptions) -> tuple[str | None, str | None]:
         return None, str(path)
     raise ConfigError(f"--resume-from-checkpoint {spec}: neither a trainer checkpoint (trainer_state.json) "
                       "nor an adapter folder (adapter_config.json)")
-
-
-def _load_adapter_weights(peft_model, adapter_dir: str) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(adapter_dir) / ADAPTER_FILE))
-    result = set_peft_model_state_dict(peft_model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise LorakitError(f"adapter {adapter_dir} does not fit this model/LoRA config: unexpected keys "
-                           f"{result.unexpected_keys[:3]}")
-    log.info("starting from the weights of adapter %s (optimizer and schedule start fresh)", adapter_dir)
-
-
-def _check_saved_adapter(folder: Path, trainable: dict[str, torch.Tensor]) -> None:
-    """Refuse an empty or all-zero adapter file (alpaca-lora's silent state_dict bug)."""
-    from safetensors import safe_open
-
-    with safe_open(str(folder / ADAPTER_FILE), framework="pt") as f:
-        keys = list(f.keys())
-        lora_b = [f.get_tensor(k) for k in keys if "lora_B" in k]
-    if not keys or len(keys) < len(trainable):
-        raise LorakitError(f"saved adapter has {len(keys)} tensors, expected {len(trainable)}: not saved correctly")
-    if lora_b and all(not t.any() for t in lora_b):
-        log.warning("all LoRA B matrices are zero: the adapter does not change the model yet")
-
-
-def _save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: Any, out: Path,
-                state_dict: dict[str, torch.Tensor]) -> None:
-    """Adapter, tokenizer and config into a temp folder, checked, then moved into `out` file by file.
-
-    `state_dict` is the full model's, gathered by accelerate (see `train`): PEFT keeps its adapter part."""
-    tmp = out / ".final-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    # Embeddings trained as modules_to_save are saved as such; peft's extra "embedding layers" copy
-    # (on by default after a vocab resize) would store them twice more, plus the untrained originals.
-    full_embeddings = {"embed_tokens", "lm_head"} & set(getattr(cfg, "modules_to_save", None) or [])
-    model.save_pretrained(str(tmp), state_dict=state_dict, save_embedding_layers=False if full_embeddings else "auto")
-    tokenizer.save_pretrained(str(tmp))
-    save_yaml(cfg, tmp / "lorakit_config.yaml")
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    _check_saved_adapter(tmp, trainable)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
-
-
-class _Trainer(CompleteCheckpoints, Trainer):
-    """HF Trainer counting the tokens seen as it does ("non_padding"), but gathering the count of all
-    processes once per optimizer step instead of after every micro-batch: each gather is a point where
-    the processes wait for each other, and after the last micro-batch of a step the gradients'
-    all-reduce has just lined them up anyway. Measured on 2 processes (SmolLM2-135M, 160 examples,
-    interleaved): +1.3% tokens/s."""
-
-    _tokens_pending = 0  # tokens of this process's micro-batches since the last optimizer step
-
-    def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
-        if "attention_mask" in inputs:  # padded rows; padding-free rows have none (pad only at their end)
-            tokens = inputs["attention_mask"].sum()
-        else:
-            pad = getattr(self.processing_class, "pad_token_id", None)
-            ids = inputs["input_ids"]
-            tokens = ids.numel() if pad is None else (ids != pad).sum()
-        self._tokens_pending += int(tokens)
-        if self.accelerator.sync_gradients:
-            pending = torch.as_tensor(self._tokens_pending, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum())
-            self._tokens_pending = 0
-
-
-class _BalancedTrainer(_Trainer):
-    """Training order from `BalancedOrder`: the same random global batches, split into micro-batches of
-    equal work, so that under DDP no process waits long for another."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return BalancedOrder([len(f["input_ids"]) for f in dataset], self.args.per_device_train_batch_size,
-                             self.args.gradient_accumulation_steps, self.args.world_size, seed)
-
-    def get_train_dataloader(self):
-        return expose_sampler(super().get_train_dataloader())
-
-
-def expose_sampler(loader):
-    """Let `set_epoch` reach a BalancedOrder inside accelerate's per-process batch sampler.
-
-    accelerate looks for the sampler at `loader.batch_sampler.sampler` or, once a resumed run has wrapped
-    the loader to skip the batches already trained, at `loader.batch_sampler.batch_sampler.sampler`; its
-    BatchSamplerShard carries `.sampler` only for the random sampler it installs itself. Without it, a
-    multi-process run resumed in epoch >= 1 would replay epoch 0's order."""
-    shard = getattr(loader, "batch_sampler", None)
-    inner = getattr(getattr(shard, "batch_sampler", None), "sampler", None)
-    if isinstance(inner, BalancedOrder):
-        shard.sampler = inner
-    return loader
-
-
-def _ddp_skip_frozen(model: torch.nn.Module) -> None:
-    """Leave frozen weights and buffers out of DDP's synchronisation.
-
-    Every process loaded the same base weights, and the buffers (rotary frequencies) are constants, yet
-    DDP broadcasts all of them from rank 0 when it wraps the model (270 MB for SmolLM2-135M in bf16) and
-    the buffers again before every forward, which makes each micro-batch wait for the slowest process.
-    Only the trainable (LoRA) parameters need their gradients averaged."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, frozen + [name for name, _ in model.named_buffers()])
 
 
 def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool) -> TrainingArguments:
@@ -312,9 +136,9 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             p.data = p.data.float()  # trainable weights (and so optimizer state) stay fp32
     speed_up_lora(peft_model, precision)
     if world_size() > 1:
-        _ddp_skip_frozen(peft_model)
+        ddp_skip_frozen(peft_model)
     if start_adapter:
-        _load_adapter_weights(peft_model, start_adapter)
+        load_adapter_weights(peft_model, start_adapter)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable params: %s of %s (%.3f%%); precision %s; %d process(es)", f"{trainable:,}",
              f"{total:,}", 100 * trainable / total, precision, world_size())
@@ -323,7 +147,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     plot = LossPlotCallback(out / "loss.png")
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), plot, LogFinalStepCallback()]
     balanced = cfg.padding_free and collator is None and not cfg.group_by_length
-    trainer_class = _BalancedTrainer if balanced else _Trainer
+    trainer_class = BalancedTrainer if balanced else TokenCountingTrainer
     trainer = trainer_class(model=peft_model, args=args, train_dataset=list(train_data),
                             eval_dataset=list(eval_data) if eval_data else None,
                             data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
@@ -354,7 +178,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                            f"zero3_save_16bit_model: true in the accelerate config. The checkpoints in "
                            f"{out} hold the training state.") from e
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, cfg, out, state_dict)
+        save_final(trainer, tokenizer, cfg, out, state_dict)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     peak_rss = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

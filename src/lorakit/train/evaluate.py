@@ -19,6 +19,8 @@ from lorakit.train.config import EvalConfig
 
 @dataclass
 class EvalResult:
+    """Examples and tokens scored, mean token loss, perplexity, and exact match when generation was asked for."""
+
     examples: int
     tokens: int
     loss: float
@@ -64,6 +66,7 @@ def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Score `cfg`'s model (+ adapters merged) on its data: mean token cross-entropy; returns an EvalResult."""
     precision = resolve_precision(cfg.precision)
     examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)  # data problems before loading
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,
@@ -82,5 +85,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
 
 def run_eval(cfg: EvalConfig) -> int:
+    """The `lorakit eval` verb: evaluate and print the result as JSON; returns the exit code."""
     print(json.dumps(evaluate(cfg).__dict__))
     return 0

@@ -12,7 +12,8 @@ from lorakit.models import check_vocab, ensure_pad_token, load_model, load_token
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
-from lorakit.train.engine import TrainSummary, train
+from lorakit.train.engine import train
+from lorakit.train.summary import TrainSummary
 
 log = logging.getLogger("lorakit")
 Features = dict[str, list[int]]
@@ -32,6 +33,7 @@ def split_validation(features: Sequence[Features], val_set_size: int, seed: int)
 
 
 def finetune(cfg: FinetuneConfig) -> TrainSummary:
+    """Read and tokenize `cfg.data_path`, train a LoRA adapter into `cfg.output_dir`; returns the TrainSummary."""
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
     # All data problems surface before the (slow) tokenizer and model loads.

@@ -6,15 +6,11 @@ exactly what a user would type by hand. `--standalone` picks a free rendezvous p
 one machine do not collide. Each worker then sees WORLD_SIZE/RANK and HF Trainer sets up DDP (gloo
 on CPU, nccl on GPUs); the engine divides gradient accumulation by the number of processes.
 
-`auto` (the default) trains on a CPU-only machine with one process per core, each with one thread.
-Measured on SmolLM2-135M (2 cores, bf16, balanced batches, interleaved runs): 482-498 tokens/s for
-2 processes x 1 thread against 441-466 for 1 process x 2 threads. A core that runs its own process
-runs every op start to end: no hand-over between threads inside small ops, and the Python/dispatch
-time of each op (~100 ms per micro-batch) no longer leaves the other core idle. The price: each process
-holds its own copy of the model, and the workers' start-up (torchrun, imports, loading) costs ~2 s more
-than training in the command's own process; so `auto` stays at one process for short jobs, when the
-copies would not fit in memory, when the batch does not split, and on GPUs (where one process per GPU
-is the user's choice of devices: `--nproc N` or torchrun).
+`auto` (the default) trains on a CPU-only machine with one process per core, each with one thread
+(faster than one process with a thread per core: docs/performance.md#one-process-per-core).
+Each process holds its own copy of the model and the workers' start-up costs ~2 s, so `auto` stays at
+one process for short jobs, when the copies would not fit in memory, when the batch does not split, and
+on GPUs (where one process per GPU is the user's choice of devices: `--nproc N` or torchrun).
 """
 
 from __future__ import annotations
@@ -35,17 +31,15 @@ from lorakit.machine import available_memory, usable_cores
 from lorakit.train.config import gradient_accumulation_steps
 
 if TYPE_CHECKING:
-    from lorakit.train.engine import TrainSummary
+    from lorakit.train.summary import TrainSummary
 
 log = logging.getLogger("lorakit")
 
 # Below ~25 s of single-process training (6 x parameters x tokens FLOPs at the ~350 GFLOP/s this 2-core
-# CPU sustains) the ~2 s of extra start-up outweigh the gain of a process per core. Measured, whole command
-# wall time, 1 vs 2 processes: SmolLM2-135M, 64 examples (~12 TFLOP estimated): 32.6-34.4 s vs 31.0 s;
-# the 10M tiny LLaMA of the benchmark, 192 examples (~3 TFLOP): 11.0-11.4 s vs 11.9-12.4 s.
+# CPU sustains) the ~2 s of extra start-up outweigh the gain (docs/performance.md#one-process-per-core).
 MIN_AUTO_WORK_FLOP = 8e12
 # Resident memory of one training process besides the weights (runtime, activations at micro-batch 4 x 256,
-# LoRA optimizer state): measured 1.5 GB next to the 0.27 GB of SmolLM2-135M in bf16.
+# LoRA optimizer state): measured 1.5 GB (docs/performance.md#one-process-per-core).
 PROCESS_OVERHEAD_BYTES = 1.6 * 2**30
 BYTES_PER_TOKEN = 4  # of alpaca-style JSON or raw text on disk, for the size of a job before tokenizing
 
@@ -56,6 +50,7 @@ def under_launcher() -> bool:
 
 
 def torchrun_command(verb: str, config_file: str | os.PathLike[str], nproc: int) -> list[str]:
+    """The command line that re-runs `verb` with `config_file` as `nproc` torchrun workers."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "lorakit", *verb.split(), str(config_file)]
 
@@ -69,6 +64,7 @@ def worker_env(nproc: int, cpu_count: int | None = None) -> dict[str, str]:
 
 
 def data_bytes(path: str) -> int:
+    """Bytes on disk of a data file, or of all files under a folder (the job's size before tokenizing)."""
     p = Path(path).expanduser()
     if p.is_file():
         return p.stat().st_size
@@ -127,7 +123,7 @@ def resolve_nproc(cfg: Any) -> int:
         return int(cfg.nproc)
     import torch
 
-    from lorakit.merge.safetensors_io import param_count
+    from lorakit.formats.safetensors_io import param_count
     from lorakit.models import resolve_model_dir
     from lorakit.precision import resolve_precision
 
@@ -175,6 +171,6 @@ def train_as_configured(cfg: Any, verb: str, train_here: Callable[[Any], TrainSu
         return train_here(cfg)
     if code:
         raise LorakitError(f"lorakit {verb} failed in one of its processes (exit code {code}); see above")
-    from lorakit.train.engine import read_summary
+    from lorakit.train.summary import read_summary
 
     return read_summary(cfg.output_dir)

@@ -1,18 +1,15 @@
 """Cheaper LoRA internals for training on the CPU, same model and adapter format.
 
-Two costs of PEFT's LoRA forward that dominate next to a small rank (measured on SmolLM2-135M,
-micro-batch of 702 tokens, LoRA on q_proj and v_proj, 60 dropout calls per micro-batch):
+Two costs of PEFT's LoRA forward that dominate next to a small rank
+(figures: docs/performance.md#lora-dropout-and-input-casting):
 
-- `nn.Dropout` draws one random float per element (`bernoulli_`): 2.2 ms per call, 6% of a
-  training step. `FastDropout` draws where the dropped elements are instead: the gaps between them
-  in a sequence of independent Bernoulli(p) trials are geometric, so about p * n uniform draws
-  (turned into gaps by one vectorised log) place all of them. At p = 0.05 that is 20k draws for a
-  [702, 576] input instead of 404k; 0.35 ms per call against 1.0-1.4 ms for a mask of 16-bit lanes
-  (four per 64-bit draw) and 2.2 ms for `bernoulli_`. The backward pass needs only those positions.
-- Under bf16 autocast PEFT first casts the input to the fp32 LoRA weights' dtype (a full copy of
-  the activations per adapted module) only for autocast to cast it back to bf16 for the matmul.
-  `cast_input_dtype_enabled = False` (PEFT's own switch, see `peft.helpers.disable_input_dtype_casting`)
-  leaves the input in bf16; the LoRA weights, their gradients and the optimizer state stay fp32.
+- `FastDropout` draws where the dropped elements are instead of one random float per element: the
+  gaps between them in a sequence of independent Bernoulli(p) trials are geometric, so about p * n
+  uniform draws (turned into gaps by one vectorised log) place all of them. The backward pass needs
+  only those positions.
+- `cast_input_dtype_enabled = False` (PEFT's own switch, see `peft.helpers.disable_input_dtype_casting`)
+  leaves the input in bf16 under autocast instead of a full fp32 copy per adapted module; the LoRA
+  weights, their gradients and the optimizer state stay fp32.
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ Training (`LinearCrossEntropy`): the lm_head and the loss run together over bloc
 reused workspace, so the logits exist one block at a time; rows whose label is ignored (a masked
 prompt, the last token of each example, pad) get no logits at all. Its gradient for the hidden
 states is computed in the forward pass (it only needs that block's probabilities) and scaled by the
-incoming per-token gradient in the backward. Measured on SmolLM2-135M, 700 tokens, bf16, 2 cores,
-interleaved: lm_head + loss forward and backward 280 ms against 370 ms for the lm_head plus the
-chunked loss below; minor page faults per 4 micro-batches 160k -> 17k.
+incoming per-token gradient in the backward (figures: docs/performance.md#the-lm_head-fused-with-the-loss).
 
 Evaluation, or a trainable lm_head (`ChunkedCrossEntropy`): the logits are computed as usual and read
 one block of rows at a time, the softmax recomputed in the backward pass.

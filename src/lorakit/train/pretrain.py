@@ -19,9 +19,11 @@ from lorakit.data import read_text_documents
 from lorakit.errors import DataError
 from lorakit.models import check_vocab, load_model, load_tokenizer, resolve_model_dir
 from lorakit.precision import resolve_precision, weights_dtype
-from lorakit.train.engine import TrainSummary, is_main_process, train
+from lorakit.train.distributed import is_main_process
+from lorakit.train.engine import train
 from lorakit.train.finetune import split_validation
 from lorakit.train.pretrain_config import PretrainConfig
+from lorakit.train.summary import TrainSummary
 
 log = logging.getLogger("lorakit")
 Block = dict[str, list[int]]
@@ -84,6 +86,7 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
 
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
+    """Train a LoRA adapter on raw text cut into blocks (continued pre-training); returns the TrainSummary."""
     from transformers import default_data_collator
 
     precision = resolve_precision(cfg.precision)

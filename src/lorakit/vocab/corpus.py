@@ -54,4 +54,5 @@ def iter_text_lines(path: str | Path, max_records: int = 0) -> Iterator[str]:
 
 
 def read_text_lines(paths: list[str], max_records: int = 0) -> list[str]:
+    """The text lines of every file in `paths` (at most `max_records` per file when > 0)."""
     return [line for p in paths for line in iter_text_lines(p, max_records)]

@@ -33,6 +33,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # sentencepiece Mo
 
 
 def load_proto(path: str | Path) -> Any:
+    """A SentencePiece .model file -> its ModelProto; ModelNotFoundError when missing."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     p = Path(path)
@@ -180,7 +181,9 @@ def bpe_merges(base_merges: list, pieces: list[tuple[str, float, int]], vocab: d
 
 
 @dataclass
-class MergeResult:
+class VocabMergeResult:
+    """What merging an extra SentencePiece model into a base tokenizer wrote (`merge_tokenizers`)."""
+
     output_dir: Path
     base_size: int
     merged_size: int
@@ -190,7 +193,7 @@ class MergeResult:
 
 def merge_tokenizers(base_tokenizer: str, extra_sp_model: str, output_dir: str, keep_all: bool = False,
                      protect_ascii: bool = True, fullwidth_variants: bool = True,
-                     overwrite: bool = False) -> MergeResult:
+                     overwrite: bool = False) -> VocabMergeResult:
     """Write `output_dir` with the merged `tokenizer.model` and Hugging Face tokenizer files."""
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -247,4 +250,4 @@ def merge_tokenizers(base_tokenizer: str, extra_sp_model: str, output_dir: str, 
         raise
     log.info("merged tokenizer: %d -> %d pieces (%d added) in %s", n_base + len(moved), len(pieces),
              len(sel.added), out)
-    return MergeResult(out, n_base + len(moved), len(pieces), sel, [t["content"] for t in moved])
+    return VocabMergeResult(out, n_base + len(moved), len(pieces), sel, [t["content"] for t in moved])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.vocab.merge import MergeResult, covered_chars, load_proto
+from lorakit.vocab.merge import VocabMergeResult, covered_chars, load_proto
 from lorakit.vocab.stats import HFTokenizerView, SentencePieceView, TokenStats, format_table, measure
 
 BUILTIN_SAMPLE = [
@@ -32,13 +32,13 @@ class MergeCheck:
     after: TokenStats
 
 
-def sample_from_pieces(result: MergeResult, pieces: int = 400, per_line: int = 40) -> list[str]:
+def sample_from_pieces(result: VocabMergeResult, pieces: int = 400, per_line: int = 40) -> list[str]:
     """Lines made of added pieces (so a sample exists even without --sample-text)."""
     texts = [p.replace("\u2581", " ") for p, _ in result.selection.added[:pieces]]
     return ["".join(texts[i:i + per_line]).strip() for i in range(0, len(texts), per_line)]
 
 
-def check_merge(base_model_file: str | Path, result: MergeResult, lines: list[str],
+def check_merge(base_model_file: str | Path, result: VocabMergeResult, lines: list[str],
                 protect_ascii: bool = True) -> MergeCheck:
     """Compare base and merged tokenizers on `lines`.
 
@@ -68,7 +68,8 @@ def check_merge(base_model_file: str | Path, result: MergeResult, lines: list[st
                       measure(base, lines), measure(merged, lines))
 
 
-def format_report(result: MergeResult, check: MergeCheck, keep_all: bool) -> str:
+def format_report(result: VocabMergeResult, check: MergeCheck, keep_all: bool) -> str:
+    """The printed report of a vocabulary merge: sizes, what was added or left out, and the check."""
     sel = result.selection
     out = [f"merged tokenizer written to {result.output_dir} (tokenizer.model + Hugging Face files)",
            f"vocabulary: {result.base_size} -> {result.merged_size} ({len(sel.added)} pieces added, "
@@ -95,6 +96,7 @@ def format_report(result: MergeResult, check: MergeCheck, keep_all: bool) -> str
 
 
 def run_vocab_merge(cfg) -> int:  # cfg: VocabMergeConfig
+    """The `lorakit vocab merge` verb; returns the exit code."""
     from lorakit.vocab.corpus import read_text_lines
     from lorakit.vocab.merge import merge_tokenizers
 

@@ -185,6 +185,7 @@ def format_table(stats: list[TokenStats], min_chars: int = 1) -> str:
 
 
 def run_vocab_stats(cfg) -> int:  # cfg: VocabStatsConfig
+    """The `lorakit vocab stats` verb: token statistics of tokenizers on a corpus; returns the exit code."""
     from lorakit.vocab.corpus import read_text_lines
 
     lines = read_text_lines(cfg.text, cfg.max_lines)

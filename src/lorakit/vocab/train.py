@@ -124,6 +124,7 @@ def train_sentencepiece(cfg: VocabTrainConfig, show_progress: bool = True) -> di
 
 
 def run_vocab_train(cfg: VocabTrainConfig) -> int:
+    """The `lorakit vocab train` verb: train a SentencePiece model; returns the exit code."""
     summary = train_sentencepiece(cfg)
     print(f"wrote {summary['output']}: {summary['pieces']} pieces, trained on {summary['sentences']} of "
           f"{summary['lines_seen']} lines")

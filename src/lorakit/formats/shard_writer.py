@@ -1,50 +1,30 @@
-"""Read a sharded safetensors checkpoint lazily and write one tensor at a time.
+"""`StreamingShardWriter`: a sharded safetensors checkpoint written one tensor at a time.
 
-`SafetensorsFolder` memory-maps one shard at a time (safetensors.safe_open) and hands out tensors by
-name, so a reader never holds more than the tensor it asked for. `StreamingShardWriter` writes a
-sharded checkpoint in the safetensors format whose layout (names, dtypes, shapes, offsets) is planned up
-front: each shard's header is written first, then every tensor's bytes as they arrive. Peak memory is one
-tensor, not one shard (safetensors' `save_file` needs the whole shard in memory). The files are read
-back by the safetensors library itself in the tests.
+The layout (names, dtypes, shapes, offsets) is planned up front (`PlannedTensor`): each shard's header
+is written first, then every tensor's bytes as they arrive, or copied verbatim from a source file
+(`FileRange`). Peak memory is one tensor, not one shard (why not safetensors' `save_file`:
+docs/design.md#a-hand-written-safetensors-writer). The files are read back by the safetensors
+library itself in the tests.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
+import os
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lorakit.errors import ConfigError, MismatchError, ModelNotFoundError
+from lorakit.errors import ConfigError, MismatchError
+from lorakit.formats.safetensors_io import INDEX_NAME, SINGLE_NAME, FileRange, st_dtype, tensor_nbytes, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("lorakit")
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-# safetensors dtype names <-> torch dtype names
-_ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
-
-
-def torch_dtype(st_dtype: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, _ST_TO_TORCH[st_dtype])
-
-
-def st_dtype(dtype: torch.dtype) -> str:
-    return _TORCH_TO_ST[str(dtype).removeprefix("torch.")]
 
 
 def parse_size(text: str | int) -> int:
@@ -65,119 +45,17 @@ def parse_size(text: str | int) -> int:
     return int(value * units[unit])
 
 
-class SafetensorsFolder:
-    """The tensors of an HF model folder (`model.safetensors` or an index + shards), opened lazily."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / SINGLE_NAME).is_file():
-            weight_map = None  # type: ignore[assignment]
-        else:
-            found = sorted(p.name for pattern in ("*.bin", "*.pt*") for p in self.folder.glob(pattern))
-            hint = f" (found {', '.join(found[:3])}: convert it to safetensors first)" if found else ""
-            raise ModelNotFoundError(str(self.folder), [f"{SINGLE_NAME} or {INDEX_NAME} in {self.folder}{hint}"])
-        self._info: dict[str, tuple[str, str, list[int]]] = {}  # name -> (file, dtype, shape)
-        self._offsets: dict[str, tuple[int, int]] = {}  # name -> (start, end) byte offsets in its file
-        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
-        for fname in files:
-            path = self.folder / fname
-            if not path.is_file():
-                raise ModelNotFoundError(fname, [f"shard {path} listed in {INDEX_NAME}"])
-            header, data_start = read_header(path)
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    self._info[name] = (fname, meta["dtype"], list(meta["shape"]))
-                    start, end = meta["data_offsets"]
-                    self._offsets[name] = (data_start + start, data_start + end)
-        self._open_file: str | None = None
-        self._handle: Any = None
-
-    @property
-    def names(self) -> list[str]:
-        """Tensor names grouped by shard (the order that reads each shard once)."""
-        return sorted(self._info, key=lambda n: (self._info[n][0], _natural_key(n)))
-
-    def shape(self, name: str) -> list[int]:
-        return self._info[name][2]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return torch_dtype(self._info[name][1])
-
-    def nbytes(self) -> int:
-        return sum(_nbytes(d, s) for _, d, s in self._info.values())
-
-    def location(self, name: str) -> FileRange:
-        start, end = self._offsets[name]
-        return FileRange(self.folder / self._info[name][0], start, end - start)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._info
-
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (keeps only its shard mapped; switching shards unmaps the previous one)."""
-        from safetensors import safe_open
-
-        fname = self._info[name][0]
-        if fname != self._open_file:
-            self.close()
-            self._handle = safe_open(str(self.folder / fname), framework="pt")
-            self._open_file = fname
-        return self._handle.get_tensor(name)
-
-    def close(self) -> None:
-        # Dropping the last reference unmaps the file (safe_open has no explicit close).
-        self._handle, self._open_file = None, None
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without reading data, and
-    the file offset where the data starts (`data_offsets` count from there)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise MismatchError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise MismatchError(f"{path}: not a safetensors file (bad header size)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise MismatchError(f"{path}: not a safetensors file (bad header)") from None
-        if not isinstance(header, dict):
-            raise MismatchError(f"{path}: not a safetensors file (bad header)")
-        return header, 8 + n
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
-    return size * math.prod(shape)
-
-
 @dataclass
 class PlannedTensor:
+    """One tensor of the output layout: name, safetensors dtype and shape."""
+
     name: str
     dtype: str  # safetensors dtype name
     shape: list[int]
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.dtype, self.shape)
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """Bytes of a tensor inside a file, to be copied verbatim (by the kernel, never through Python)."""
-
-    path: Path
-    offset: int
-    nbytes: int
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 class BufferPool:
@@ -320,8 +198,8 @@ class StreamingShardWriter:
             self._file = None
 
 
-# Bytes per write() call. Measured on this VM (ext4, 2.1 GB): 64 MB writes 4.8-5.2 s, 1 MB 0.6 s,
-# 128 KB 0.5 s, `cp` 0.6-0.8 s; large single writes are many times slower than modest ones.
+# Bytes per write() call: large single writes are many times slower than modest ones
+# (docs/performance.md#streaming-merge-memory-and-time).
 _WRITE_CHUNK = 1 << 20
 
 
@@ -334,7 +212,6 @@ def _write_fully(dest: BinaryIO, view: memoryview) -> None:
 def _copy_range(source: FileRange, dest: BinaryIO) -> None:
     """Append `source`'s bytes to `dest` with copy_file_range (no user-space copy; falls back to
     read/write where the kernel or file system refuses)."""
-    import os
 
     with open(source.path, "rb", buffering=0) as src:
         offset, left = source.offset, source.nbytes
@@ -352,15 +229,3 @@ def _copy_range(source: FileRange, dest: BinaryIO) -> None:
                     raise MismatchError(f"{source.path}: ends before byte {offset} (truncated file?)") from None
                 _write_fully(dest, memoryview(chunk))
                 offset, left = offset + len(chunk), left - len(chunk)
-
-
-def iter_tensors(folder: SafetensorsFolder) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in folder.names:
-        yield name, folder.get(name)
-    folder.close()
-
-
-def param_count(folder: str | Path) -> int:
-    """Parameters of a safetensors model folder, from its headers (no tensor is read)."""
-    st = SafetensorsFolder(folder)
-    return sum(math.prod(st.shape(name)) for name in st.names)

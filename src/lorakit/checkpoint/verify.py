@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.errors import LorakitError
 from lorakit.machine import available_memory
+from lorakit.precision import weight_type as stored_type
 
 if TYPE_CHECKING:
     import torch
@@ -29,14 +30,13 @@ log = logging.getLogger("lorakit")
 # Measured (GGUF of SmolLM2-135M read back by transformers, random probes): f16 1.5e-3, bf16 1.3e-2,
 # q8_0 3.3e-2; f32 and fp32 merges differ by < 1e-6. A missing q/k permutation gives 0.56, so the
 # limits (3-10x the measured error) leave head-room without hiding a wrong layout or a wrong tensor.
-RELATIVE_TOLERANCE = {"float32": 1e-4, "f32": 1e-4, "float16": 2e-2, "f16": 2e-2,
-                      "bfloat16": 8e-2, "bf16": 8e-2, "q8_0": 1e-1}
+RELATIVE_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 8e-2, "q8_0": 1e-1}  # by precision.WEIGHT_TYPES name
 
 
 # Both sides computed in bf16 (when an fp32 copy does not fit in memory) round like bf16 weights do: a f16
 # GGUF of SmolLM2-135M read back measured 2.9e-2 (q8_0 4.8e-2, bf16 0); a missing q/k permutation
 # still gives 0.56.
-HALF_COMPUTE_TOLERANCE = RELATIVE_TOLERANCE["bfloat16"]
+HALF_COMPUTE_TOLERANCE = RELATIVE_TOLERANCE["bf16"]
 # Peak resident memory of a whole check per parameter, loading transients included: measured 6.8 (fp32)
 # and 5.3 (bf16) bytes for `export` of a 0.99B-parameter f16 model to GGUF f16; 10% added.
 PEAK_BYTES_PER_PARAM = {"float32": 7.5, "bfloat16": 5.8}
@@ -79,6 +79,9 @@ class VerificationError(LorakitError):
 
 @dataclass
 class VerifyResult:
+    """Max |logit difference| of a written model vs its reference, the largest |reference logit|, the
+    tolerance, the argmax agreement and the dtype both were computed in."""
+
     max_abs_diff: float
     max_abs_logit: float
     tolerance: float
@@ -110,7 +113,8 @@ def logits_of(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 def reference_logits(build: Callable[[], PreTrainedModel], ids: torch.Tensor) -> torch.Tensor:
-    """Build a model, take its logits, free it before returning."""
+    """Build a model, take its fp32 logits (batch, length, vocab) for `ids` (batch, length), and free the
+    model before returning."""
     model = build()
     out = logits_of(model, ids)
     del model
@@ -139,7 +143,7 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, weight_type: str, 
         raise VerificationError(f"{what}: logits shape {list(candidate.shape)} != reference {list(reference.shape)}")
     diff = float((candidate - reference).abs().max())
     scale = float(reference.abs().max())
-    relative = RELATIVE_TOLERANCE[weight_type]
+    relative = RELATIVE_TOLERANCE[stored_type(weight_type).name]
     if computed_in != "float32":
         relative = max(relative, HALF_COMPUTE_TOLERANCE)
     tol = relative * max(scale, 1.0)
@@ -162,3 +166,11 @@ def merged_in_memory(base_model: str, adapters: Sequence[str], dtype: str = "flo
     for adapter in adapters[:-1]:
         model = attach_adapters(model, [adapter], merge=True)
     return attach_adapters(model, list(adapters[-1:]), merge=False)
+
+
+def report_verification(result: VerifyResult | None, asked: bool) -> None:
+    """Print a verb's `verify:` line: the result, or that the check was skipped (nothing when not asked)."""
+    if result is not None:
+        print(f"verify: {result.summary()}")
+    elif asked:
+        print("verify: skipped, the model does not fit in memory (see the warning above)")

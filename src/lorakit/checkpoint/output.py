@@ -24,6 +24,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse `path` when it is a file, or a non-empty folder without `overwrite` (OutputExistsError)."""
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -71,6 +72,7 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def has_tokenizer(folder: Path) -> bool:
+    """True when `folder` holds a tokenizer.model or tokenizer.json."""
     return (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file()
 
 
