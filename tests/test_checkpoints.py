@@ -118,3 +118,13 @@ def test_no_complete_checkpoint_is_one_line(tiny_model_dir, tiny_alpaca_json, tm
                    "--output-dir", out, "--resume-from-checkpoint", "last")
     err = capsys.readouterr().err
     assert code == 2 and "no complete checkpoint in" in err and "Traceback" not in err
+
+
+def test_named_incomplete_checkpoint_is_refused_before_any_loading(tiny_alpaca_json, tmp_path, capsys):
+    """Refused before the base model is even located: the missing model would otherwise be the error."""
+    folder = tmp_path / "run" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    code = run_cli("finetune", "--base-model", tmp_path / "no-such-model", "--data-path", tiny_alpaca_json, *FAST,
+                   "--output-dir", tmp_path / "run", "--resume-from-checkpoint", folder)
+    err = capsys.readouterr().err
+    assert code == 2 and "incomplete checkpoint" in err and "no-such-model" not in err

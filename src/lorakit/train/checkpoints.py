@@ -81,6 +81,16 @@ def check_checkpoint(folder: str | Path) -> str:
     return str(folder)
 
 
+LAST = ("last", "latest", "true", "True")  # --resume-from-checkpoint spellings of "the newest complete one"
+
+
+def refuse_named_incomplete(spec: str | None) -> None:
+    """Before anything loads: a checkpoint folder named by --resume-from-checkpoint must be complete
+    (a one-line ConfigError otherwise). 'last' and adapter folders are resolved later, in the engine."""
+    if spec and spec not in LAST and (is_checkpoint_dir(Path(spec)) or (Path(spec) / "trainer_state.json").is_file()):
+        check_checkpoint(spec)
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     """A Trainer checkpoint folder by its name (checkpoint-N), whatever it holds."""
     return bool(_STEP.match(path.name))

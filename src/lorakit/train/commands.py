@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
+from lorakit.train.checkpoints import refuse_named_incomplete
 from lorakit.train.config import FinetuneConfig
 from lorakit.train.launch import relaunch_if_needed
 from lorakit.train.pretrain_config import PretrainConfig
@@ -20,6 +21,7 @@ from lorakit.train.pretrain_config import PretrainConfig
 def _train_command(cfg: Any, verb: str, next_step: Callable[[Any, str], list[str]]) -> int:
     """Run `verb` (several processes under torchrun, or lorakit.train.<verb>.<verb>(cfg) here); rank 0
     prints the summary and the command line `next_step(cfg, adapter_folder)` to run next."""
+    refuse_named_incomplete(cfg.resume_from_checkpoint)  # one line now, not after loading the model
     code = relaunch_if_needed(cfg, verb)
     if code is not None:
         return code

@@ -33,7 +33,7 @@ from lorakit.files import write_atomic
 from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.precision import resolve_precision
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
-from lorakit.train.checkpoints import check_checkpoint, is_checkpoint_dir, latest_complete_checkpoint
+from lorakit.train.checkpoints import LAST, check_checkpoint, is_checkpoint_dir, latest_complete_checkpoint
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.distributed import across_processes, ddp_skip_frozen, is_main_process, world_size
 from lorakit.train.lora_layers import speed_up_lora
@@ -64,7 +64,7 @@ def _resume_target(cfg: TrainOptions) -> tuple[str | None, str | None]:
     spec = cfg.resume_from_checkpoint
     if not spec:
         return None, None
-    if spec in ("last", "latest", "true", "True"):  # the newest complete one (checkpoints.py)
+    if spec in LAST:  # the newest complete one (checkpoints.py)
         return latest_complete_checkpoint(cfg.output_dir, spec), None
     path = Path(spec)
     if is_checkpoint_dir(path) or (path / "trainer_state.json").is_file():
