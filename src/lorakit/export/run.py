@@ -1,4 +1,4 @@
-"""`lorakit export`: an HF LLaMA model -> GGUF (native writer) or Meta pth, verified by logits."""
+"""`lorakit export`: an HF model of a known family -> GGUF (native writer) or Meta pth (LLaMA/Mistral), verified."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16",
         import json
 
         from lorakit.export.pth import write_pth
+        from lorakit.models.families import require_meta_pth
+
+        require_meta_pth(src, "export --format pth")
         from lorakit.merge.safetensors_io import SafetensorsFolder, iter_tensors
 
         config = json.loads((src / "config.json").read_text())

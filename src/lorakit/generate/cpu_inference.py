@@ -1,4 +1,4 @@
-"""Inference-only module swaps that make CPU decoding of LLaMA-family models fast, with the same results.
+"""Inference-only module swaps that make CPU decoding fast, with the same results (families: models/families.py).
 
 A decode step is ~200 matrix-vector products plus ~1,500 small tensor ops, and on a CPU both cost:
 
@@ -25,6 +25,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from lorakit.models.families import ATTENTION, FAMILIES, MLP
 from lorakit.models.rmsnorm import RMSNorm
 from lorakit.models.swap import swap_modules
 
@@ -89,6 +90,8 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
         self.scaling, self.is_causal = attn.scaling, attn.is_causal
+        # Mistral reads its window from the config, Qwen2 per layer; LLaMA has none
+        self.sliding_window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         self.num_key_value_groups, self.attention_dropout = attn.num_key_value_groups, attn.attention_dropout
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.qkv_proj = _stacked(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -106,6 +109,8 @@ class FusedAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if self.sliding_window is not None:
+            kwargs["sliding_window"] = self.sliding_window
         out, _ = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
@@ -124,9 +129,15 @@ def packing_works() -> bool:
         return False
 
 
-# transformers' Llama module -> (its fused replacement, the linears that must be stackable)
-_FUSED = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
-          "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (RMSNorm, ())}
+# transformers' module class -> (its fused replacement, the linears that must be stackable), for each
+# family where the registry says the fused module computes the same (no q/k norms, plain RMSNorm).
+_FUSED: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {}
+for _family in FAMILIES:
+    _FUSED[_family.mlp_class] = (FusedMLP, MLP)
+    if _family.fused_attention:
+        _FUSED[_family.attention_class] = (FusedAttention, ATTENTION)
+    if _family.plain_rmsnorm:
+        _FUSED[_family.norm_class] = (RMSNorm, ())
 
 
 def _fused(module: nn.Module) -> nn.Module | None:

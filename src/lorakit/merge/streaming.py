@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.models.layout import check_llama_names
 from lorakit.merge.adapters import LoraAdapter, open_adapter
 from lorakit.merge.safetensors_io import (
     BufferPool,
@@ -32,6 +31,7 @@ from lorakit.merge.safetensors_io import (
     st_dtype,
     torch_dtype,
 )
+from lorakit.models.families import family_of_config
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +82,7 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
     """
     base = SafetensorsFolder(base_dir)
     config = json.loads((base_dir / "config.json").read_text())
-    check_llama_names(base.names, str(base_dir))
+    family_of_config(config, str(base_dir)).check_names(base.names, str(base_dir))
     adapters = [open_adapter(d) for d in adapter_dirs]
 
     tied = bool(config.get("tie_word_embeddings")) and HEAD not in base and EMBED in base
