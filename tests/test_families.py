@@ -76,3 +76,156 @@ def test_unknown_family_is_refused_in_one_line():
 def test_permutation_only_for_llama_layout_families():
     assert {f.name for f in FAMILIES if f.permute_qk} == {"llama", "mistral"}
     assert {f.name for f in FAMILIES if f.meta_pth} == {"llama", "mistral"}
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+
+# What llama.cpp's convert_hf_to_gguf.py writes for these families (read from its source: TextModel's
+# generic parameters, LlamaModel / Qwen2Model / Qwen3Model / Gemma3Model, SpecialVocab, Metadata), for
+# a byte-level BPE tokenizer with a chat template and no model card. "{a}" is the architecture.
+LLAMA_CPP_KEYS_ALL = {
+    "general.architecture", "general.type", "general.name", "general.size_label", "general.quantization_version",
+    "general.file_type", "{a}.block_count", "{a}.context_length", "{a}.embedding_length",
+    "{a}.feed_forward_length", "{a}.attention.head_count", "{a}.attention.head_count_kv", "{a}.rope.freq_base",
+    "{a}.attention.layer_norm_rms_epsilon",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.chat_template",
+}
+LLAMA_CPP_KEYS_FAMILY = {
+    "llama": {"{a}.vocab_size", "{a}.rope.dimension_count"},
+    "qwen2": set(),
+    "qwen3": set(),
+    "gemma3": {"{a}.rope.freq_base_swa", "{a}.attention.sliding_window"},
+}
+HEAD_DIM_KEYS = {"{a}.attention.key_length", "{a}.attention.value_length"}  # when config.json has head_dim
+
+
+def _gguf_fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _export(folder: Path, out: Path, outtype: str = "f32") -> Path:
+    from lorakit.export.run import export_model
+
+    if not out.exists():
+        export_model(str(folder), "gguf", out, outtype, verify=False)  # checked here by llama.cpp / gguf
+    return out
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_gguf_keys_equal_llama_cpp_table(tiny_family, case):
+    import gguf
+
+    folder = tiny_family(case)
+    config = json.loads((folder / "config.json").read_text())
+    family = family_of_dir(folder)
+    fields = _gguf_fields(_export(folder, folder.parent / f"{case}-f32.gguf"))
+    a = family.gguf_arch
+    expected = LLAMA_CPP_KEYS_ALL | LLAMA_CPP_KEYS_FAMILY[a] | (HEAD_DIM_KEYS if config.get("head_dim") else set())
+    assert set(fields) == {k.format(a=a) for k in expected}
+    assert fields["general.architecture"] == a
+    assert fields["general.type"] == "model"
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    # the pre-tokenizer llama.cpp would name: SmolLM2's vocabulary is recognised by its hash ("smollm");
+    # transformers gives a qwen2 folder Qwen's own split rules, which llama.cpp calls "qwen2"
+    assert fields["tokenizer.ggml.pre"] == ("qwen2" if case == "qwen2" else "smollm")
+    from gguf import GGUFReader
+
+    n_params = sum(int(t.n_elements) for t in GGUFReader(str(folder.parent / f"{case}-f32.gguf")).tensors)
+    assert fields["general.size_label"] == gguf.size_label(n_params, n_params, 0, 0)
+    if config.get("head_dim"):
+        assert fields[f"{a}.attention.key_length"] == config["head_dim"]
+    if a == "gemma3":
+        assert fields["gemma3.rope.freq_base"] == 1e6 and fields["gemma3.rope.freq_base_swa"] == 1e4
+        assert fields["gemma3.attention.sliding_window"] == config["sliding_window"]
+
+
+def test_gemma3_gguf_norms_are_one_plus_w(tiny_family):
+    """llama.cpp's converter stores Gemma 3's norms as 1 + w (its RMSNorm multiplies by the weight)."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    folder = tiny_family("gemma3")
+    path = _export(folder, folder.parent / "gemma3-f32.gguf")
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in GGUFReader(str(path)).tensors}
+    hf = load_file(str(folder / "model.safetensors"))
+    for hf_name, gguf_name in [("model.layers.1.post_feedforward_layernorm.weight", "blk.1.post_ffw_norm.weight"),
+                               ("model.layers.0.self_attn.q_norm.weight", "blk.0.attn_q_norm.weight"),
+                               ("model.norm.weight", "output_norm.weight")]:
+        torch.testing.assert_close(tensors[gguf_name], hf[hf_name] + 1.0)
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+
+def _random_adapter(base: Path, out: Path, seed: int = 0, targets: tuple[str, ...] | None = None) -> Path:
+    """A LoRA on the family's targets with random A and B (a merge that changes every targeted weight)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.models import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(base, "float32")
+    family = family_of_dir(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets or
+                                                  family.lora_targets), init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_merge_equals_peft_merge_and_unload(tiny_family, tmp_path, case):
+    from peft import PeftModel
+
+    from lorakit.merge.run import merge_model
+    from lorakit.models import load_model
+
+    base = tiny_family(case)
+    adapter = _random_adapter(base, tmp_path / "adapter", seed=3)
+    merge_model(str(base), [str(adapter)], tmp_path / "merged", verify=False)  # compared here instead
+    ids = torch.randint(0, 49152, (2, 20), generator=torch.Generator().manual_seed(0))
+    reference = PeftModel.from_pretrained(load_model(base, "float32"), adapter).merge_and_unload()
+    ref = _logits(reference, ids)
+    got = _logits(load_model(tmp_path / "merged", "float32"), ids)
+    assert (ref - _logits(load_model(base, "float32"), ids)).abs().max() > 1e-2  # the adapter matters
+    assert (got - ref).abs().max().item() <= 1e-4
+    # biases and norms came through unchanged
+    from safetensors.torch import load_file
+
+    merged, original = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    for name in original:
+        if name.endswith(("norm.weight", ".bias")):
+            torch.testing.assert_close(merged[name], original[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma3"])
+def test_pth_output_is_refused_in_one_line_before_any_work(tiny_family, tmp_path, capsys, case):
+    from lorakit.cli import main
+
+    base = tiny_family(case)
+    adapter = tmp_path / "no-adapter-needed"  # refused before the adapter is even opened
+    for args in (["merge", "--base-model", str(base), "--lora-model", str(adapter), "--output-dir",
+                  str(tmp_path / "out"), "--output-type", "pth"],
+                 ["export", "--model", str(base), "--format", "pth", "--output", str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert "only for llama, mistral" in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

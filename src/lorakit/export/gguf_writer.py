@@ -144,7 +144,8 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
             getattr(writer, f"add_{kind}_token_id")(int(tid))
     probe = tok("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id)
+    if bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id:
+        writer.add_add_eos_token(True)  # written only when set, as llama.cpp's converter does
     if not byte_level:  # SentencePiece's add_dummy_prefix: a "▁" before the text (Metaspace or a Prepend)
         spec = json.dumps(tj.get("normalizer") or {}) + json.dumps(tj.get("pre_tokenizer") or {})
         writer.add_add_space_prefix(not tj or '"Prepend"' in spec or '"prepend_scheme": "first"' in spec
