@@ -207,7 +207,8 @@ def test_merge_equals_peft_merge_and_unload(tiny_family, tmp_path, case):
     # biases and norms came through unchanged
     from safetensors.torch import load_file
 
-    merged, original = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))
     for name in original:
         if name.endswith(("norm.weight", ".bias")):
             torch.testing.assert_close(merged[name], original[name], rtol=0, atol=0)
