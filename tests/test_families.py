@@ -219,6 +219,7 @@ def test_pth_output_is_refused_in_one_line_before_any_work(tiny_family, tmp_path
     from lorakit.cli import main
 
     base = tiny_family(case)
+    capsys.readouterr()  # (building the model printed progress bars)
     adapter = tmp_path / "no-adapter-needed"  # refused before the adapter is even opened
     for args in (["merge", "--base-model", str(base), "--lora-model", str(adapter), "--output-dir",
                   str(tmp_path / "out"), "--output-type", "pth"],
@@ -230,3 +231,91 @@ def test_pth_output_is_refused_in_one_line_before_any_work(tiny_family, tmp_path
         assert "only for llama, mistral" in err and "Traceback" not in err
         assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+# ------------------------------------------------------------------------------- training and generation
+
+
+def _lora(model, targets=("q_proj", "v_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets),
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+
+
+def _loss_and_grads(model, **batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_fused_loss_and_norms_equal_the_plain_hf_path(tiny_family, case):
+    """install_training_loss (fused head where the registry allows it) + swapped RMSNorms: the loss and the
+    LoRA gradients of plain transformers."""
+    from lorakit.models import load_model
+    from lorakit.models.rmsnorm import swap_rmsnorms
+    from lorakit.train import loss as L
+
+    folder = tiny_family(case)
+    family = family_of_dir(folder)
+    ids = torch.randint(5, 40000, (2, 13), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :4] = L.IGNORE_INDEX
+    ref_loss, ref_grads = _loss_and_grads(_lora(load_model(folder, torch.float32)), input_ids=ids, labels=labels)
+    model = load_model(folder, torch.float32)
+    assert L.install_training_loss(model)
+    assert isinstance(model.get_output_embeddings(), L.FusedLMHead) == family.fused_head_loss
+    assert (swap_rmsnorms(model) > 0) == family.plain_rmsnorm
+    loss, grads = _loss_and_grads(_lora(model), input_ids=ids, labels=labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_packed_rows_equal_each_example_alone(tiny_family, case):
+    from lorakit.data.collators import make_collator
+    from lorakit.models import load_model
+    from lorakit.train.packed_attention import NAME, use_packed_attention
+
+    folder = tiny_family(case)
+    model = load_model(folder, torch.float32, attn_implementation="sdpa")
+    assert use_packed_attention(model) == family_of_dir(folder).packed_attention
+    model = _lora(model).eval()
+    g = torch.Generator().manual_seed(2)
+    feats = [{"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)}
+             for ids in (torch.randint(5, 40000, (n,), generator=g).tolist() for n in (7, 12, 5))]
+    batch = make_collator(None, padding_free=True)([dict(f) for f in feats])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        start = 0
+        for f in feats:
+            alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            end = start + len(f["input_ids"])
+            torch.testing.assert_close(packed[start:end], alone, atol=2e-5, rtol=1e-4)
+            start = end
+    assert model.config._attn_implementation == (NAME if family_of_dir(folder).packed_attention else "sdpa")
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_fast_cpu_inference_gives_transformers_logits(tiny_family, case):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.generate.cpu_inference import FusedAttention, FusedMLP, optimize_for_cpu
+    from test_generate_cpu_inference import decode_logits
+
+    folder = tiny_family(case)
+    family = family_of_dir(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    fast = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert optimize_for_cpu(fast)
+    kinds = {type(m) for m in fast.modules()}
+    assert FusedMLP in kinds and (FusedAttention in kinds) == family.fused_attention
+    ids = torch.tensor([[0, 0, 0, 5, 60, 700, 80], [1, 42, 43, 44, 45, 46, 47]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    for want, got in zip(decode_logits(ref, ids, mask, 3), decode_logits(fast, ids, mask, 3), strict=True):
+        assert (got - want).abs().max() <= 0.03 * want.abs().max()

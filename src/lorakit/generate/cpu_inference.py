@@ -135,7 +135,7 @@ _FUSED: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {}
 for _family in FAMILIES:
     _FUSED[_family.mlp_class] = (FusedMLP, MLP)
     if _family.fused_attention:
-        _FUSED[_family.attention_class] = (FusedAttention, ATTENTION)
+        _FUSED[_family.attention_class] = (FusedAttention, ATTENTION[:3])  # o_proj may lack q/k/v's bias
     if _family.plain_rmsnorm:
         _FUSED[_family.norm_class] = (RMSNorm, ())
 
@@ -143,6 +143,8 @@ for _family in FAMILIES:
 def _fused(module: nn.Module) -> nn.Module | None:
     kind = _FUSED.get(type(module).__name__)
     if kind is None or not _same_kind(*(getattr(module, p) for p in kind[1])):
+        return None
+    if kind[0] is FusedAttention and type(module.o_proj) is not nn.Linear:
         return None
     return kind[0](module)
 
