@@ -319,3 +319,92 @@ def test_fast_cpu_inference_gives_transformers_logits(tiny_family, case):
     mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
     for want, got in zip(decode_logits(ref, ids, mask, 3), decode_logits(fast, ids, mask, 3), strict=True):
         assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp
+
+NEW_TOKENS = 16
+
+
+def _greedy_hf(model, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_llama_cpp_runs_our_gguf_like_hf(tiny_family, case):
+    """llama.cpp loads the f32 GGUF with the family's architecture and computes what the HF model does:
+    the same 16 greedy tokens and teacher-forced logits within 3% (relative to the largest logit)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from lorakit.models import load_model
+
+    folder = tiny_family(case)
+    path = _export(folder, folder.parent / f"{case}-f32.gguf")
+    hf = load_model(folder, "float32").eval()
+    prompt = torch.randint(5, 40000, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    hf_tokens = _greedy_hf(hf, prompt)
+    llm = Llama(model_path=str(path), logits_all=True, n_threads=2, verbose=False, n_ctx=128)
+    assert llm.metadata["general.architecture"] == family_of_dir(folder).gguf_arch
+    cpp_tokens = []
+    for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        cpp_tokens.append(int(t))
+        if len(cpp_tokens) == NEW_TOKENS:
+            break
+    assert cpp_tokens == hf_tokens
+    seq = prompt + hf_tokens
+    llm.reset()
+    llm.eval(seq)
+    cpp_logits = torch.from_numpy(np.array(llm.scores[: len(seq)], dtype=np.float32))
+    ref = _logits(hf, torch.tensor([seq]))[0]
+    assert (cpp_logits - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen3", "gemma3"])
+def test_export_verifies_with_llama_cpp_where_transformers_cannot_read_the_family(tiny_family, tmp_path, case):
+    from lorakit.export.gguf_readers import transformers_reads_faithfully
+    from lorakit.export.run import export_model
+
+    folder = tiny_family(case)
+    assert not transformers_reads_faithfully(json.loads((folder / "config.json").read_text()))
+    result = export_model(str(folder), "gguf", tmp_path / "m.gguf", "f16")  # verify=True (the default)
+    assert result.verify is not None and result.verify.max_abs_diff <= result.verify.tolerance
+
+
+# ------------------------------------------------------------------------------------ every verb, by CLI
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_finetune_eval_generate_merge_export_by_cli(tiny_family, tiny_alpaca_json, tmp_path, capsys, case):
+    """The verbs as a user runs them on each family: a short packed fine-tune (loss logged), eval,
+    generate with the adapter, merge (verified against PEFT) and GGUF export (verified)."""
+    from lorakit.cli import main
+
+    def run(*args) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        out = capsys.readouterr()
+        assert exit_info.value.code in (0, None), out.err[-2000:]
+        return out.out
+
+    base = tiny_family(case)
+    adapter = tmp_path / "adapter"
+    run("finetune", "--base-model", base, "--data-path", tiny_alpaca_json, "--output-dir", adapter,
+        "--prompt-template", "alpaca", "--val-set-size", "0", "--max-steps", "2", "--cutoff-len", "64",
+        "--micro-batch-size", "4", "--batch-size", "4", "--learning-rate", "1e-3", "--precision", "fp32",
+        "--lora-target-modules", "all-linear", "--padding-free")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    out = run("eval", "--base-model", base, "--lora-weights", adapter, "--data-path", tiny_alpaca_json,
+              "--limit", "8", "--micro-batch-size", "4")
+    assert "loss" in out.lower()
+    out = run("generate", "--base-model", base, "--lora-weights", adapter, "--instruction", "Say hi.",
+              "--max-new-tokens", "5", "--temperature", "0", "--no-stream")
+    assert out.strip()
+    out = run("merge", "--base-model", base, "--lora-model", adapter, "--output-dir", tmp_path / "merged")
+    assert "verify: max |logit diff|" in out
+    out = run("export", "--model", tmp_path / "merged", "--output", tmp_path / "m.gguf", "--outtype", "f16")
+    assert "verify: max |logit diff|" in out

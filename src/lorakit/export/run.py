@@ -69,18 +69,19 @@ def _vocab_rows(src: Path) -> int:
 
 
 def verify_gguf(src: Path, gguf_file: Path, outtype: str) -> VerifyResult | None:
-    """Logits of transformers' own GGUF loader on the written file vs the source HF model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """Logits of an independent reader of the written file (transformers' GGUF loader, or llama.cpp for the
+    families that loader does not rebuild exactly: export/gguf_readers.py) vs the source HF model."""
+    from lorakit.export.gguf_readers import gguf_reader
     from lorakit.export.verify import round_trip
     from lorakit.merge.safetensors_io import param_count
     from lorakit.models import load_model
 
-    return round_trip(f"GGUF {outtype}", param_count(src), _vocab_rows(src), outtype,
-                      reference=lambda dtype: load_model(src, dtype),
-                      written=lambda dtype: AutoModelForCausalLM.from_pretrained(
-                          gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype)))
+    reader = gguf_reader(src, gguf_file)
+    if reader is None:
+        return None
+    name, written = reader
+    return round_trip(f"GGUF {outtype} (read by {name})", param_count(src), _vocab_rows(src), outtype,
+                      reference=lambda dtype: load_model(src, dtype), written=written)
 
 
 def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
@@ -103,5 +104,5 @@ def run_export(cfg: ExportConfig) -> int:
     if result.verify is not None:
         print(f"verify: {result.verify.summary()}")
     elif cfg.verify:
-        print("verify: skipped, the model does not fit in memory (see the warning above)")
+        print("verify: skipped (see the warning above: too large for memory, or no faithful GGUF reader)")
     return 0

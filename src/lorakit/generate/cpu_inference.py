@@ -25,7 +25,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from lorakit.models.families import ATTENTION, FAMILIES, MLP
+from lorakit.models.families import ATTENTION, FAMILIES, MLP, family_of_model
 from lorakit.models.rmsnorm import RMSNorm
 from lorakit.models.swap import swap_modules
 
@@ -163,6 +163,14 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
     weight = next(model.parameters(), None)
     if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
+    family = family_of_model(model)
+    if family is None:
+        log.info("model type %r is not in lorakit's family registry: its modules run as transformers' own "
+                 "(only linears are prepacked)", getattr(model.config, "model_type", None))
+    elif not (family.fused_attention and family.plain_rmsnorm):
+        log.info("%s: fused CPU path for the MLP%s; %s runs as transformers' own", family.name,
+                 "" if not family.plain_rmsnorm else " and RMSNorm",
+                 "attention (q/k norms)" if family.plain_rmsnorm else "attention and (1 + w) RMSNorm")
     fused = swap_modules(model, _fused)
     packed = swap_modules(model, _packed) if packing_works() else 0
     return f"{fused} modules fused, {packed} linears prepacked"
