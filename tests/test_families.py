@@ -436,3 +436,20 @@ def test_smollm2_gguf_metadata_equals_llama_cpps_own_file(tmp_path):
     differ = {k for k in theirs if k in mine and theirs[k] != mine[k]}
     assert differ <= {"general.name", "general.basename", "general.finetune", "general.file_type"}, differ
     assert mine["tokenizer.ggml.pre"] == "smollm" and mine["general.size_label"] == "135M"
+
+
+def test_gemma_soft_capping_keeps_the_head_unfused_and_the_loss_right(tiny_family):
+    """With final-logit soft-capping between lm_head and the loss, fusing the two would skip the cap."""
+    from lorakit.models import load_model
+    from lorakit.train import loss as L
+
+    folder = tiny_family("gemma3")
+    ids = torch.randint(5, 40000, (2, 9), generator=torch.Generator().manual_seed(5))
+    plain = load_model(folder, torch.float32)
+    plain.config.final_logit_softcapping = 2.0
+    model = load_model(folder, torch.float32)
+    model.config.final_logit_softcapping = 2.0
+    assert L.install_training_loss(model) and not isinstance(model.get_output_embeddings(), L.FusedLMHead)
+    ref, _ = _loss_and_grads(_lora(plain), input_ids=ids, labels=ids)
+    got, _ = _loss_and_grads(_lora(model), input_ids=ids, labels=ids)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -72,7 +72,9 @@ class Family:
     norm_class: str = ""
     plain_rmsnorm: bool = True  # norm computes w * x / rms(x) (not Gemma's (1 + w)): fused RMSNorm applies
     fused_attention: bool = True  # generate's fused q/k/v module applies (no q/k norms)
-    fused_head_loss: bool = True  # lm_head and loss may run fused (no logit scaling/soft-capping between)
+    # lm_head and loss may run fused (nothing between them; Gemma's final soft-capping, when a config sets
+    # it, is checked at run time: train/loss.py)
+    fused_head_loss: bool = True
     packed_attention: bool = True  # training's per-example attention for packed rows applies
     notes: str = ""
     _compiled: Any = field(default=None, compare=False, repr=False)
@@ -120,7 +122,7 @@ GEMMA3 = Family(
     "gemma3", ("gemma3_text",), "Gemma3ForCausalLM", _GEMMA3_RULES, "gemma3",
     ("attention.sliding_window", "final_logit_softcapping"), permute_qk=False, gguf_norm_shift=1.0,
     attention_class="Gemma3Attention", mlp_class="Gemma3MLP", norm_class="Gemma3RMSNorm",
-    plain_rmsnorm=False, fused_attention=False, fused_head_loss=False, packed_attention=False,
+    plain_rmsnorm=False, fused_attention=False, packed_attention=True,
     notes="Gemma 3 text: (1 + w) RMSNorm, scaled embeddings, sliding window, soft-capping")
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)
