@@ -131,19 +131,18 @@ def rope_factors(config: dict[str, Any]) -> list[float] | None:
 
 def add_model_keys(writer: Any, family: Family, config: dict[str, Any], vocab_rows: int, file_type: int) -> None:
     """Hyper-parameter keys: llama.cpp's generic ones, then the family's (`Family.gguf_keys`)."""
+    config = {**dict(family.gguf_config_defaults), **{k: v for k, v in config.items() if v is not None}}
     writer.add_block_count(int(config["num_hidden_layers"]))
-    gemma = family.gguf_arch == "gemma3"
-    if config.get("max_position_embeddings") is not None or gemma:
-        writer.add_context_length(int(config.get("max_position_embeddings") or 131072))
+    if config.get("max_position_embeddings") is not None:
+        writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(int(config["num_attention_heads"]))
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
     _rope(writer, config)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps") or 1e-6))
+    if config.get("rms_norm_eps") is not None:
+        writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     head_dim = config.get("head_dim")
-    if head_dim is None and gemma:
-        head_dim = 256  # Gemma 3's default, written by llama.cpp even when config.json omits it
     if head_dim is not None:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))

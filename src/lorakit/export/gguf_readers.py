@@ -22,12 +22,11 @@ log = logging.getLogger("lorakit")
 
 def transformers_reads_faithfully(config: dict[str, Any]) -> bool:
     """Whether transformers' GGUF loader rebuilds this model exactly (see the module doc)."""
-    family = family_of_config(config)
-    if family.name in ("llama", "mistral"):
-        head_dim = config.get("head_dim")
-        plain_head = not head_dim or head_dim * config["num_attention_heads"] == config["hidden_size"]
-        return rope_factors(config) is None and plain_head
-    return family.name == "qwen2"
+    if not family_of_config(config).transformers_gguf_loader:
+        return False
+    head_dim = config.get("head_dim")
+    plain_head = not head_dim or head_dim * config["num_attention_heads"] == config["hidden_size"]
+    return rope_factors(config) is None and plain_head
 
 
 def llama_cpp_available() -> bool:

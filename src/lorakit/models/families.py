@@ -62,6 +62,10 @@ class Family:
     # Family-specific GGUF keys beyond llama.cpp's generic ones, as `<arch>.<suffix>` suffixes; the
     # GGUF writer knows how to compute each (export/gguf_metadata.py).
     gguf_keys: tuple[str, ...] = ()
+    # config.json fields llama.cpp's converter assumes when a config omits them (Gemma 3's defaults)
+    gguf_config_defaults: tuple[tuple[str, Any], ...] = ()
+    # transformers' GGUF loader rebuilds this family exactly (export --verify uses it; else llama.cpp)
+    transformers_gguf_loader: bool = False
     permute_qk: bool = True  # llama.cpp's interleaved rotary: permute q/k rows (LLaMA layout)
     gguf_norm_shift: float = 0.0  # added to every `*norm.weight` in GGUF (Gemma: 1 + w)
     meta_pth: bool = False  # a Meta `consolidated.NN.pth` layout exists (export/merge --output-type pth)
@@ -104,14 +108,17 @@ class Family:
 
 LLAMA = Family(
     "llama", ("llama",), "LlamaForCausalLM", RULES, "llama", ("vocab_size", "rope.dimension_count"),
-    meta_pth=True, attention_class="LlamaAttention", mlp_class="LlamaMLP", norm_class="LlamaRMSNorm",
+    meta_pth=True, transformers_gguf_loader=True,
+    attention_class="LlamaAttention", mlp_class="LlamaMLP", norm_class="LlamaRMSNorm",
     notes="LLaMA 1/2/3 (GQA, tied or untied head; Llama 3 RoPE scaling)")
 MISTRAL = Family(
     "mistral", ("mistral",), "MistralForCausalLM", RULES, "llama", ("vocab_size", "rope.dimension_count"),
-    meta_pth=True, attention_class="MistralAttention", mlp_class="MistralMLP", norm_class="MistralRMSNorm",
+    meta_pth=True, transformers_gguf_loader=True,
+    attention_class="MistralAttention", mlp_class="MistralMLP", norm_class="MistralRMSNorm",
     notes="LLaMA layout; llama.cpp runs it as `llama` (no sliding window there)")
 QWEN2 = Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", _LLAMA_NO_META + QKV_BIASES, "qwen2", permute_qk=False,
+    transformers_gguf_loader=True,
     attention_class="Qwen2Attention", mlp_class="Qwen2MLP", norm_class="Qwen2RMSNorm",
     notes="Qwen2/Qwen2.5: q/k/v biases, NEOX rotary")
 QWEN3 = Family(
@@ -121,6 +128,7 @@ QWEN3 = Family(
 GEMMA3 = Family(
     "gemma3", ("gemma3_text",), "Gemma3ForCausalLM", _GEMMA3_RULES, "gemma3",
     ("attention.sliding_window", "final_logit_softcapping"), permute_qk=False, gguf_norm_shift=1.0,
+    gguf_config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("rms_norm_eps", 1e-6)),
     attention_class="Gemma3Attention", mlp_class="Gemma3MLP", norm_class="Gemma3RMSNorm",
     plain_rmsnorm=False, fused_attention=False, packed_attention=True,
     notes="Gemma 3 text: (1 + w) RMSNorm, scaled embeddings, sliding window, soft-capping")
