@@ -1,10 +1,12 @@
-"""Write an HF LLaMA folder as a GGUF file llama.cpp runs, with the `gguf` package (no llama.cpp checkout).
+"""Write an HF folder of a supported family as a GGUF file llama.cpp runs, with the `gguf` package.
 
-Tensors are streamed: the header (metadata + tensor infos) is written from the safetensors headers, then
-each tensor is read, permuted (q/k to llama.cpp's interleaved rotary layout, see `layout`), converted
-and written, one at a time. Norms stay F32 (as llama.cpp's converter does); `q8_0` falls back to F16 for
+The family registry (`models/families.py`) gives the tensor names, whether q/k rows are permuted to
+llama.cpp's interleaved rotary layout (LLaMA/Mistral), the norm shift (Gemma stores 1 + w) and the
+family's GGUF keys (`gguf_metadata`). Tensors are streamed: the header (metadata + tensor infos) is
+written from the safetensors headers, then each tensor is read, transformed, converted and written,
+one at a time. Norms and biases stay F32 (as llama.cpp's converter does); `q8_0` falls back to F16 for
 rows not divisible by the 32-element block. Tied embeddings are written once (llama.cpp reuses
-`token_embd` when `output` is absent).
+`token_embd` when `output` is absent). Llama 3 RoPE scaling adds llama.cpp's `rope_freqs` tensor.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError
-from lorakit.formats.safetensors_io import SafetensorsFolder
-from lorakit.models.layout import (
-    IGNORED_HF,
-    check_llama_names,
-    check_supported_config,
-    hf_to_meta_rows,
-    map_hf,
-    rope_theta,
-    rotary_heads,
+from lorakit.export.gguf_metadata import (
+    add_general_keys,
+    add_model_keys,
+    check_gguf_config,
+    pre_tokenizer_name,
+    rope_factors,
 )
+from lorakit.formats.safetensors_io import SafetensorsFolder
+from lorakit.models.families import family_of_config
+from lorakit.models.layout import IGNORED_HF, hf_to_meta_rows, rotary_heads
 from lorakit.precision import weight_type
 
 if TYPE_CHECKING:
@@ -86,20 +88,7 @@ def _byte_shape(shape: list[int], qtype: Any) -> tuple[tuple[int, ...], Any]:
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def _pre_tokenizer_name(tj: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer a byte-level tokenizer.json describes."""
-    pre = json.dumps(tj.get("pre_tokenizer") or {})
-    if '"Digits"' in pre and '"individual_digits": true' in pre and "ByteLevel" in pre:
-        return "smollm"
-    if "\\p{N}{1,3}" in pre:
-        return "llama-bpe"
-    if '"ByteLevel"' in pre and '"use_regex": true' in pre:
-        return "gpt-2"  # llama.cpp's name for GPT-2's split regex (the model type is "gpt2")
-    log.warning("unknown pre-tokenizer in tokenizer.json; writing 'default' (llama.cpp may split text differently)")
-    return "default"
-
-
-def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
+def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int, prefix_from_config: bool = False) -> None:
     """Tokenizer metadata: SentencePiece-style (`llama`: tokens, scores, types) or byte-level BPE
     (`gpt2`: tokens, types, merges, pre-tokenizer), special ids, add_bos/eos, chat template."""
     from gguf import TokenType
@@ -139,7 +128,7 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
 
     if byte_level:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_pre_tokenizer_name(tj))
+        writer.add_tokenizer_pre(pre_tokenizer_name(tok, tj))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
@@ -157,7 +146,12 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_rows: int) -> None:
             getattr(writer, f"add_{kind}_token_id")(int(tid))
     probe = tok("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id)
+    if bool(probe) and tok.eos_token_id is not None and probe[-1] == tok.eos_token_id:
+        writer.add_add_eos_token(True)  # written only when set, as llama.cpp's converter does
+    tc_path = model_dir / "tokenizer_config.json"
+    prefix = json.loads(tc_path.read_text()).get("add_prefix_space") if tc_path.is_file() else None
+    if prefix_from_config and byte_level and prefix is not None:  # as llama.cpp's LlamaModel.set_vocab
+        writer.add_add_space_prefix(bool(prefix))
     if not byte_level:  # SentencePiece's add_dummy_prefix: a "▁" before the text (Metaspace or a Prepend)
         spec = json.dumps(tj.get("normalizer") or {}) + json.dumps(tj.get("pre_tokenizer") or {})
         writer.add_add_space_prefix(not tj or '"Prepend"' in spec or '"prepend_scheme": "first"' in spec
@@ -183,56 +177,60 @@ def _spm_scores(model_dir: Path, tokens: list[str], merges: list[str]) -> list[f
 
 
 def write_gguf(model_dir: Path, out_path: Path, dtype: str = "f16", name: str | None = None) -> None:
-    """Write the HF LLaMA model in `model_dir` to `out_path` (the caller renames it into place) with its
-    2-D weights as `dtype` (f32, f16, bf16, q8_0)."""
+    """Write the HF model in `model_dir` (any family of the registry) to `out_path` (the caller renames it
+    into place) with its 2-D weights as `dtype` (f32, f16, bf16, q8_0)."""
     import numpy as np
+    import torch
     from gguf import GGUFWriter
     from tqdm import tqdm
 
     config = json.loads((model_dir / "config.json").read_text())
-    check_supported_config(config, str(model_dir))
+    family = family_of_config(config, str(model_dir))
+    check_gguf_config(family, config, str(model_dir))
     src = SafetensorsFolder(model_dir)
     names = [n for n in src.names if not IGNORED_HF.fullmatch(n)]
-    check_llama_names(names, str(model_dir))
+    family.check_names(names, str(model_dir))
     vocab_rows = src.shape("model.embed_tokens.weight")[0]
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    hidden = int(config["hidden_size"])
 
-    w = GGUFWriter(out_path, "llama")
-    w.add_name(name or config.get("_name_or_path") or model_dir.name)
-    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(hidden)
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_rope_freq_base(rope_theta(config))
-    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    w.add_vocab_size(vocab_rows)
-    w.add_file_type(_file_type(dtype))
-    add_tokenizer(w, model_dir, vocab_rows)
-
-    plan = []
+    plan: list[tuple[str | None, str, Any]] = []  # (HF name or None for rope_freqs, GGUF name, type)
+    infos = []
     for n in names:
-        mapped = map_hf(n)
+        mapped = family.map_hf(n)
         assert mapped is not None
         shape = src.shape(n)
         qtype = _ggml_type(dtype, shape)
+        infos.append((mapped.gguf, shape, qtype))
+        plan.append((n, mapped.gguf, qtype))
+    factors = rope_factors(config)
+    if factors is not None:  # Llama 3 scaling: llama.cpp reads it from this tensor
+        infos.append(("rope_freqs.weight", [len(factors)], _ggml_type("f32", [len(factors)])))
+        plan.append((None, "rope_freqs.weight", infos[-1][2]))
+
+    w = GGUFWriter(out_path, family.gguf_arch)
+    for gguf_name, shape, qtype in infos:
         byte_shape, np_dtype = _byte_shape(shape, qtype)
         nbytes = math.prod(byte_shape) * np.dtype(np_dtype).itemsize
-        w.add_tensor_info(mapped.gguf, byte_shape, np_dtype, nbytes, raw_dtype=qtype)
-        plan.append((n, mapped, qtype))
+        w.add_tensor_info(gguf_name, byte_shape, np_dtype, nbytes, raw_dtype=qtype)
+    total_params = sum(math.prod(shape) for _, shape, _ in infos)
+    add_general_keys(w, model_dir, name, total_params)
+    add_model_keys(w, family, config, vocab_rows, _file_type(dtype))
+    add_tokenizer(w, model_dir, vocab_rows, prefix_from_config=family.gguf_arch == "llama")
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for n, mapped, qtype in tqdm(plan, desc="writing GGUF", unit="tensor", leave=False):
+        for n, _gguf_name, qtype in tqdm(plan, desc="writing GGUF", unit="tensor", leave=False):
+            if n is None:
+                w.write_tensor_data(_encode(torch.tensor(factors, dtype=torch.float32), qtype))
+                continue
             t = src.get(n)
-            heads_for = rotary_heads(mapped.rule, config)
+            mapped = family.map_hf(n)
+            assert mapped is not None
+            heads_for = rotary_heads(mapped.rule, config) if family.permute_qk else None
             if heads_for:
                 t = hf_to_meta_rows(t, heads_for)
+            if family.gguf_norm_shift and n.endswith("norm.weight"):
+                t = t.float() + family.gguf_norm_shift
             w.write_tensor_data(_encode(t, qtype))
     finally:
         w.close()

@@ -1,4 +1,4 @@
-"""`lorakit export`: an HF LLaMA model -> GGUF (native writer) or Meta pth, verified by logits."""
+"""`lorakit export`: an HF model of a known family -> GGUF (native writer) or Meta pth (LLaMA/Mistral), verified."""
 
 from __future__ import annotations
 
@@ -45,7 +45,10 @@ def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", v
 
         from lorakit.checkpoint.pth import write_pth
         from lorakit.formats.safetensors_io import SafetensorsFolder, iter_tensors
+        from lorakit.models.families import require_meta_pth
         from lorakit.precision import torch_dtype
+
+        require_meta_pth(src, "export --format pth")
 
         config = json.loads((src / "config.json").read_text())
         with atomic_dir(out, overwrite) as tmp:
@@ -66,18 +69,19 @@ def _vocab_rows(src: Path) -> int:
 
 
 def verify_gguf(src: Path, gguf_file: Path, dtype: str) -> VerifyResult | None:
-    """Logits of transformers' own GGUF loader on the written file vs the source HF model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """Logits of an independent reader of the written file (transformers' GGUF loader, or llama.cpp for the
+    families that loader does not rebuild exactly: export/gguf_readers.py) vs the source HF model."""
     from lorakit.checkpoint.verify import round_trip
+    from lorakit.export.gguf_readers import gguf_reader
     from lorakit.formats.safetensors_io import param_count
     from lorakit.models import load_model
 
-    return round_trip(f"GGUF {dtype}", param_count(src), _vocab_rows(src), dtype,
-                      reference=lambda dtype: load_model(src, dtype),
-                      written=lambda dtype: AutoModelForCausalLM.from_pretrained(
-                          gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype)))
+    reader = gguf_reader(src, gguf_file)
+    if reader is None:
+        return None
+    name, written = reader
+    return round_trip(f"GGUF {dtype} (read by {name})", param_count(src), _vocab_rows(src), dtype,
+                      reference=lambda dtype: load_model(src, dtype), written=written)
 
 
 def verify_pth(src: Path, folder: Path, dtype: str) -> VerifyResult | None:

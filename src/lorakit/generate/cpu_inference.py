@@ -1,4 +1,4 @@
-"""Inference-only module swaps that make CPU decoding of LLaMA-family models fast, with the same results.
+"""Inference-only module swaps that make CPU decoding fast, with the same results (families: models/families.py).
 
 A decode step is ~200 matrix-vector products plus ~1,500 small tensor ops, and on a CPU both cost:
 
@@ -24,6 +24,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from lorakit.models.families import ATTENTION, FAMILIES, MLP, family_of_model
 from lorakit.models.rmsnorm import RMSNorm
 from lorakit.models.swap import swap_modules
 
@@ -88,6 +89,8 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
         self.scaling, self.is_causal = attn.scaling, attn.is_causal
+        # Mistral reads its window from the config, Qwen2 per layer; LLaMA has none
+        self.sliding_window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         self.num_key_value_groups, self.attention_dropout = attn.num_key_value_groups, attn.attention_dropout
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.qkv_proj = _stacked(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -105,6 +108,8 @@ class FusedAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if self.sliding_window is not None:
+            kwargs["sliding_window"] = self.sliding_window
         out, _ = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
@@ -123,14 +128,22 @@ def packing_works() -> bool:
         return False
 
 
-# transformers' Llama module -> (its fused replacement, the linears that must be stackable)
-_FUSED = {"LlamaAttention": (FusedAttention, ("q_proj", "k_proj", "v_proj", "o_proj")),
-          "LlamaMLP": (FusedMLP, ("gate_proj", "up_proj", "down_proj")), "LlamaRMSNorm": (RMSNorm, ())}
+# transformers' module class -> (its fused replacement, the linears that must be stackable), for each
+# family where the registry says the fused module computes the same (no q/k norms, plain RMSNorm).
+_FUSED: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {}
+for _family in FAMILIES:
+    _FUSED[_family.mlp_class] = (FusedMLP, MLP)
+    if _family.fused_attention:
+        _FUSED[_family.attention_class] = (FusedAttention, ATTENTION[:3])  # o_proj may lack q/k/v's bias
+    if _family.plain_rmsnorm:
+        _FUSED[_family.norm_class] = (RMSNorm, ())
 
 
 def _fused(module: nn.Module) -> nn.Module | None:
     kind = _FUSED.get(type(module).__name__)
     if kind is None or not _same_kind(*(getattr(module, p) for p in kind[1])):
+        return None
+    if kind[0] is FusedAttention and type(module.o_proj) is not nn.Linear:
         return None
     return kind[0](module)
 
@@ -149,6 +162,14 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
     weight = next(model.parameters(), None)
     if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
+    family = family_of_model(model)
+    if family is None:
+        log.info("model type %r is not in lorakit's family registry: its modules run as transformers' own "
+                 "(only linears are prepacked)", getattr(model.config, "model_type", None))
+    elif not (family.fused_attention and family.plain_rmsnorm):
+        log.info("%s: fused CPU path for the MLP%s; %s runs as transformers' own", family.name,
+                 "" if not family.plain_rmsnorm else " and RMSNorm",
+                 "attention (q/k norms)" if family.plain_rmsnorm else "attention and (1 + w) RMSNorm")
     fused = swap_modules(model, _fused)
     packed = swap_modules(model, _packed) if packing_works() else 0
     return f"{fused} modules fused, {packed} linears prepacked"

@@ -109,7 +109,7 @@ def open_adapter(path: str | Path) -> LoraAdapter:
     if config.get("use_dora"):
         raise MismatchError(f"{cfg_path}: DoRA adapters (use_dora) are not supported by the streaming merge")
     if config.get("lora_bias") or config.get("bias", "none") != "none":
-        raise MismatchError(f"{cfg_path}: adapters with trained biases are not supported (LLaMA has no biases)")
+        raise MismatchError(f"{cfg_path}: adapters with trained biases (bias/lora_bias) are not supported by the merge")
 
     adapter = LoraAdapter(folder, config)
     st_file, bin_file = folder / "adapter_model.safetensors", folder / "adapter_model.bin"

@@ -45,6 +45,10 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
     out = Path(output_dir).expanduser()
     check_output_dir(out, overwrite)  # fail before any work
     base_dir = resolve_model_dir(base_model)
+    if output_type == "pth":
+        from lorakit.models.families import require_meta_pth
+
+        require_meta_pth(base_dir, "merge --output-type pth")
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     plan = plan_merge(base_dir, adapter_dirs, dtype)
     tok_source: Path | None = tokenizer_source(tokenizer, adapter_dirs, base_dir)

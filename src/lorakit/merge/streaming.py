@@ -24,7 +24,7 @@ from lorakit.errors import MismatchError
 from lorakit.formats.safetensors_io import FileRange, SafetensorsFolder, st_dtype, torch_dtype
 from lorakit.formats.shard_writer import BufferPool, PlannedTensor, StreamingShardWriter
 from lorakit.merge.adapters import LoraAdapter, open_adapter
-from lorakit.models.layout import check_llama_names
+from lorakit.models.families import family_of_config
 from lorakit.precision import torch_dtype as torch_dtype_of
 from lorakit.precision import weight_type
 
@@ -85,7 +85,7 @@ def plan_merge(base_dir: Path, adapter_dirs: list[str | Path], dtype: str = "aut
     """
     base = SafetensorsFolder(base_dir)
     config = json.loads((base_dir / "config.json").read_text())
-    check_llama_names(base.names, str(base_dir))
+    family_of_config(config, str(base_dir)).check_names(base.names, str(base_dir))
     adapters = [open_adapter(d) for d in adapter_dirs]
 
     tied = bool(config.get("tie_word_embeddings")) and HEAD not in base and EMBED in base

@@ -1,6 +1,7 @@
 """LLaMA tensor names and rotary layouts: Hugging Face <-> Meta (`consolidated.NN.pth`) <-> GGUF.
 
-Defined once here and used by the pth writer, the pth reader and the GGUF writer.
+Defined once here and used by the pth writer, the pth reader and (through the family registry,
+`models/families.py`, which extends these rules for Qwen2/Qwen3/Gemma 3) the GGUF writer and the merge.
 
 Rotary layout: Meta's checkpoints (and llama.cpp) rotate interleaved pairs (x0, x1), (x2, x3), ... of
 each head; Hugging Face's LLaMA rotates the two halves (x_i, x_{i+d/2}). HF's conversion script permutes
@@ -29,7 +30,7 @@ class TensorRule:
     """
 
     hf: str
-    meta: str
+    meta: str | None  # None: no Meta/pth name (tensors of families without a Meta layout)
     gguf: str
     rotary: str | None = None
     meta_split: int | None = None
@@ -57,8 +58,13 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
 
-_COMPILED = [(_template_regex(r.hf), r) for r in RULES]
-_META_COMPILED = [(_template_regex(r.meta), r) for r in RULES]
+def compile_rules(rules: tuple[TensorRule, ...]) -> list[tuple[re.Pattern[str], TensorRule]]:
+    """(regex of the HF name, rule) pairs for `match_rules`."""
+    return [(_template_regex(r.hf), r) for r in rules]
+
+
+_COMPILED = compile_rules(RULES)
+_META_COMPILED = [(_template_regex(r.meta), r) for r in RULES if r.meta]
 
 # Tensors that may appear in HF checkpoints but carry no weights of their own.
 IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")
@@ -73,6 +79,7 @@ class Mapped:
 
     @property
     def meta(self) -> str:
+        assert self.rule.meta is not None, f"{self.rule.hf} has no Meta name"
         return self.rule.meta.format(self.layer)
 
     @property
@@ -84,7 +91,8 @@ class Mapped:
         return self.rule.hf.format(self.layer)
 
 
-def _match(name: str, compiled) -> Mapped | None:
+def match_rules(name: str, compiled) -> Mapped | None:
+    """The rule (and layer) whose template matches `name`, from `compile_rules` output; None if none."""
     for pattern, rule in compiled:
         m = pattern.fullmatch(name)
         if m:
@@ -94,20 +102,12 @@ def _match(name: str, compiled) -> Mapped | None:
 
 def map_hf(name: str) -> Mapped | None:
     """The rule for HF tensor `name` (None if it is not a LLaMA tensor)."""
-    return _match(name, _COMPILED)
+    return match_rules(name, _COMPILED)
 
 
 def map_meta(name: str) -> Mapped | None:
     """The rule for Meta tensor `name` (e.g. `layers.3.attention.wq.weight`)."""
-    return _match(name, _META_COMPILED)
-
-
-def check_llama_names(names: list[str], where: str) -> None:
-    """Refuse tensors this LLaMA layout does not know (another architecture, or a renamed checkpoint)."""
-    unknown = [n for n in names if map_hf(n) is None and not IGNORED_HF.fullmatch(n)]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
-        raise MismatchError(f"{where}: unknown tensor names for a LLaMA-architecture model: {shown}")
+    return match_rules(name, _META_COMPILED)
 
 
 def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -138,10 +138,15 @@ def rope_theta(config: dict[str, Any]) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+# model_types with a Meta `consolidated.NN.pth` layout (models/families.py: `Family.meta_pth`).
+META_MODEL_TYPES = ("llama", "mistral")
+
+
 def check_supported_config(config: dict[str, Any], where: str) -> None:
     """LLaMA-family configs these layouts can express: plain RoPE, head_dim = hidden / heads."""
-    if config.get("model_type") not in ("llama", "mistral"):
-        raise MismatchError(f"{where}: model_type {config.get('model_type')!r} is not a LLaMA-family model")
+    if config.get("model_type") not in META_MODEL_TYPES:
+        raise MismatchError(f"{where}: the Meta pth layout exists only for LLaMA and Mistral models, not "
+                            f"model_type {config.get('model_type')!r}")
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):

