@@ -8,6 +8,7 @@ from typing import Literal
 from lorakit.config import opt
 from lorakit.errors import ConfigError
 from lorakit.options import ModelOptions, Precision, PromptDataOptions, adapter_option
+from lorakit.train.distributed import DistributedOptions
 
 
 @dataclass
@@ -27,7 +28,7 @@ class LoraOptions:
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(DistributedOptions):
     output_dir: str = opt("./lora-alpaca", "where the adapter, logs, plot and checkpoints go")
     batch_size: int = opt(128, "global batch size (examples per optimizer step, via gradient accumulation)")
     micro_batch_size: int = opt(4, "examples per forward pass and process")
@@ -64,6 +65,7 @@ class TrainOptions:
             raise ConfigError("--learning-rate must be positive")
         if self.nproc != "auto" and not (str(self.nproc).isdigit() and int(self.nproc) >= 1):
             raise ConfigError(f"--nproc must be auto or a number >= 1, got {self.nproc!r}")
+        self.validate_distributed()
 
 
 @dataclass
