@@ -40,6 +40,7 @@ from lorakit.models.rmsnorm import swap_rmsnorms
 from lorakit.precision import resolve_precision
 from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, LossPlotCallback
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
+from lorakit.train.fsdp import enable_fsdp_on_cpu, fsdp_arguments
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -193,6 +194,10 @@ class _Trainer(Trainer):
 
     _tokens_pending = 0  # tokens of this process's micro-batches since the last optimizer step
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # --fsdp on CPU (see fsdp.py)
+
     def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
         if "attention_mask" in inputs:  # padded rows; padding-free rows have none (pad only at their end)
             tokens = inputs["attention_mask"].sum()
@@ -279,6 +284,7 @@ def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool)
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **fsdp_arguments(getattr(cfg, "fsdp", False)),
     )
 
 
@@ -309,7 +315,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so optimizer state) stay fp32
     speed_up_lora(peft_model, precision)
-    if world_size() > 1:
+    if world_size() > 1 and not getattr(cfg, "fsdp", False):
         _ddp_skip_frozen(peft_model)
     if start_adapter:
         _load_adapter_weights(peft_model, start_adapter)
