@@ -288,6 +288,11 @@ def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool)
     )
 
 
+def _dataset(data: Sequence[Any]) -> Any:
+    """A torch Dataset as it is (pretrain's blocks are views into a memory map), any other sequence as a list."""
+    return data if isinstance(data, torch.utils.data.Dataset) else list(data)
+
+
 def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
           train_data: Sequence[dict[str, list[int]]], eval_data: Sequence[dict[str, list[int]]] | None = None,
           collator: Any = None) -> TrainSummary:
@@ -299,7 +304,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if (out / ADAPTER_FILE).exists() and not (cfg.overwrite or checkpoint):
         raise OutputExistsError(f"{out} already holds a trained adapter; pass --overwrite, "
                                 "or --resume-from-checkpoint last to continue its run")
-    if not train_data:
+    if not len(train_data):
         raise ConfigError("no training examples left after tokenization")
     precision = resolve_precision(cfg.precision)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,8 +333,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), plot, LogFinalStepCallback()]
     balanced = cfg.padding_free and collator is None and not cfg.group_by_length
     trainer_class = _BalancedTrainer if balanced else _Trainer
-    trainer = trainer_class(model=peft_model, args=args, train_dataset=list(train_data),
-                            eval_dataset=list(eval_data) if eval_data else None,
+    trainer = trainer_class(model=peft_model, args=args, train_dataset=_dataset(train_data),
+                            eval_dataset=_dataset(eval_data) if eval_data else None,
                             data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
                             processing_class=tokenizer, callbacks=callbacks)
     if is_main_process() and not checkpoint:
