@@ -165,3 +165,9 @@ def test_pretrain_reuses_the_cache_and_resumes_exactly(corpus, tiny_model_dir, t
     assert steps == [3, 4]  # it did resume: steps 1-2 came from the checkpoint
     assert losses(resumed) == pytest.approx(losses(whole)[-2:], rel=1e-6)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_an_empty_folder_is_one_clear_error(tmp_path, tok, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no non-empty documents"):
+        _build(tmp_path / "empty", tok, tiny_model_dir, tmp_path / "cache")

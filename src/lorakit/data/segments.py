@@ -53,6 +53,8 @@ def text_files(path: str | Path) -> list[Path]:
     for f in files:
         if not f.is_file():
             raise DataError(f, None, None, "no such data file")
+    if not files:
+        raise DataError(p, None, None, "no non-empty documents (the folder holds no .txt, .jsonl or .json file)")
     return files
 
 
