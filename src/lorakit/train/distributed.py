@@ -32,10 +32,11 @@ RDZV_ID = "lorakit"
 class DistributedOptions:
     nnodes: int = opt(1, "machines training together (each runs the same command with its own --node-rank)")
     node_rank: int = opt(0, "this machine's number, 0..nnodes-1 (node 0 writes the outputs); static rendezvous")
-    master_addr: str = opt("", "address of node 0 (static rendezvous; required with --nnodes > 1 unless "
-                               "--rdzv-endpoint is given)")
+    master_addr: str = opt("", "address of node 0 for a static rendezvous (default: none; required with "
+                               "--nnodes > 1 unless --rdzv-endpoint is given)")
     master_port: int = opt(DEFAULT_MASTER_PORT, "port on node 0 for the rendezvous")
-    rdzv_endpoint: str = opt("", "HOST:PORT of a c10d rendezvous instead of --master-addr/--node-rank")
+    rdzv_endpoint: str = opt("", "HOST:PORT of a c10d rendezvous instead of --master-addr/--node-rank "
+                                 "(default: none)")
     fsdp: bool = opt(False, "shard base weights, adapter and optimizer state over the processes (FSDP2), "
                             "instead of one full copy per process")
 

@@ -40,8 +40,10 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
+    if state.distributed_type == DistributedType.NO:
+        log.warning("--fsdp with one process: nothing to shard over (give --nproc N, or launch with torchrun)")
     if state.distributed_type != DistributedType.MULTI_CPU:
-        return  # one process: nothing to shard over
+        return
     plugin = FullyShardedDataParallelPlugin(**plugin_args)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
