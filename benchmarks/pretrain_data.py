@@ -6,7 +6,8 @@ For each corpus size, a corpus is made by repeating data/wiki_demo.txt into a te
 measurement runs in a fresh process (`--inner`): load the tokenizer, build the token cache (a miss: its
 own empty cache folder), cut blocks of --block-size, split. The Rust tokenizer's own threads are off
 (TOKENIZERS_PARALLELISM=false), so N workers use N cores. Printed per run: tokens, seconds, tokens/s,
-peak RSS of the process and of its largest tokenizing worker, and a second run's time (a cache hit).
+CPU seconds (the process and its workers, from the tokenizer load on), peak RSS of the process and of its
+largest tokenizing worker, and a second run's time (a cache hit).
 Everything temporary is deleted at the end.
 """
 
@@ -47,6 +48,8 @@ def inner(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir, add_pad_token=False)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = me.ru_utime + me.ru_stime
     start = time.perf_counter()
     if args.in_memory:  # the code before the cache: documents, a C int array, lists of blocks
         from lorakit.data import read_text_documents
@@ -66,7 +69,9 @@ def inner(args: argparse.Namespace) -> None:
         load_or_build(args.corpus, tok, Path(model_dir), Path(args.cache), args.workers[0], show_progress=False)
         hit_seconds = time.perf_counter() - t
     seconds = time.perf_counter() - start if args.in_memory else seconds
-    print(json.dumps({"tokens": n_tokens, "blocks": len(blocks), "seconds": seconds,
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime - cpu_before
+    print(json.dumps({"tokens": n_tokens, "cpu_seconds": cpu, "blocks": len(blocks), "seconds": seconds,
                       "tokens_per_second": n_tokens / seconds, "hit_seconds": hit_seconds,
                       "rss_after_tokenizer_mb": base_rss,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -88,7 +93,7 @@ def main() -> None:
         return inner(args)
     tmp = Path(tempfile.mkdtemp(prefix="lorakit-pretrain-data-"))
     try:
-        print(f"{'corpus':>8} {'path':>12} {'workers':>7} {'tokens':>11} {'s':>7} {'tokens/s':>9} "
+        print(f"{'corpus':>8} {'path':>12} {'workers':>7} {'tokens':>11} {'s':>7} {'tokens/s':>9} {'CPU s':>6} "
               f"{'peak RSS':>9} {'worker RSS':>10} {'hit s':>6}")
         for mb in args.sizes_mb:
             corpus = make_corpus(tmp, mb)
@@ -104,7 +109,8 @@ def main() -> None:
                 r = json.loads(out.strip().splitlines()[-1])
                 hit = "" if r["hit_seconds"] is None else f"{r['hit_seconds']:.2f}"
                 print(f"{mb:>6}MB {'in-memory' if in_memory else 'token cache':>12} {workers:>7} {r['tokens']:>11,} "
-                      f"{r['seconds']:>7.1f} {r['tokens_per_second']:>9,.0f} {r['peak_rss_mb']:>6.0f} MB "
+                      f"{r['seconds']:>7.1f} {r['tokens_per_second']:>9,.0f} {r['cpu_seconds']:>6.1f} "
+                      f"{r['peak_rss_mb']:>6.0f} MB "
                       f"{r['worker_peak_rss_mb']:>7.0f} MB {hit:>6}", flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
             corpus.unlink()

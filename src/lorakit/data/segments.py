@@ -4,7 +4,8 @@ The corpus is cut into byte ranges ("segments") at line ends; each worker proces
 finds the documents in it exactly as `read_text_documents` does (.txt: one per non-empty line; .jsonl:
 the `text` of each record; a .json array is one segment), tokenizes them (BOS as the tokenizer adds it,
 then EOS) and writes the ids to its own file. Nothing but a few numbers crosses between processes, and
-no process ever holds more than one segment's text and tokens: memory does not grow with the corpus.
+no process ever holds more than one segment's text (<= 4 MB) and one batch's tokens: memory does not grow
+with the corpus.
 Bad records are reported as today (file and line), with line numbers counted across segments.
 """
 
@@ -21,9 +22,9 @@ import numpy as np
 from lorakit.data.readers import _decode, _iter_jsonl, iter_records
 from lorakit.errors import DataError
 
-MAX_SEGMENT_BYTES = 8 * 2**20
+MAX_SEGMENT_BYTES = 4 * 2**20
 MIN_SEGMENT_BYTES = 4096
-DOCS_PER_BATCH = 1000
+BATCH_CHARS = 2**16  # text per tokenizer call: the ids come back as Python lists (~36 bytes a token)
 _tokenizer: Any = None  # the workers' tokenizer (inherited through fork, or set by _init_worker)
 
 
@@ -117,15 +118,29 @@ def tokenize_segment(seg: Segment, out_dir: Path, dtype: str, tokenizer: Any = N
     result.documents = len(docs)
     eos = tok.eos_token_id
     with open(out_dir / f"segment-{seg.index:07d}.bin", "wb") as out:
-        for start in range(0, len(docs), DOCS_PER_BATCH):
+        for batch in _batches(docs):
             ids: list[int] = []
-            for doc_ids in tok(docs[start:start + DOCS_PER_BATCH], add_special_tokens=True)["input_ids"]:
+            for doc_ids in tok(batch, add_special_tokens=True)["input_ids"]:
                 ids.extend(doc_ids)
                 if eos is not None and (not doc_ids or doc_ids[-1] != eos):
                     ids.append(eos)
             out.write(np.asarray(ids, dtype=dtype).tobytes())
             result.tokens += len(ids)
     return result
+
+
+def _batches(docs: list[str]):
+    """Consecutive runs of documents of about BATCH_CHARS characters (at least one document each)."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _init_worker(tokenizer: Any) -> None:
