@@ -47,6 +47,10 @@ def is_property(obj: object) -> None:
     assert isinstance(obj, property), f"{obj!r} is no longer a property"
 
 
+def is_dict(obj: object) -> None:
+    assert isinstance(obj, dict), f"{obj!r} is not a dict"
+
+
 def is_callable(obj: object) -> None:
     assert callable(obj), f"{obj!r} is not callable"
 
@@ -107,6 +111,8 @@ GUARDS = [
           mention="AttentionMaskInterface"),
     Guard("peft.tuners.tuners_utils.BaseTunerLayer", "src/lorakit/train/lora_layers.py", lora_layer_has_cast_switch,
           mention="cast_input_dtype_enabled"),
+    Guard("transformers.Trainer.create_accelerator_and_postprocess", "src/lorakit/train/trainers.py", params("self")),
+    Guard("accelerate.PartialState._shared_state", "src/lorakit/train/fsdp.py", is_dict),
 ]
 
 

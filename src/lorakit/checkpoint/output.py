@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.errors import ModelNotFoundError, OutputExistsError
+from lorakit.leftovers import disk_full_as_error, old_name, partial_prefix, remove_stale_partials
 from lorakit.models import adapter_tokenizer_dir
 
 log = logging.getLogger("lorakit")
@@ -36,13 +37,15 @@ def atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path`, on failure it is removed."""
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remove_stale_partials(path)  # of runs killed before they could clean up (see lorakit/leftovers.py)
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(path.name), dir=path.parent))
     try:
-        yield tmp
+        with disk_full_as_error(path, tmp):
+            yield tmp
         tmp.chmod(0o755)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=old_name(path.name), dir=path.parent))
+            path.rename(old)  # onto the empty folder just made: a unique name no other run can take
             tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -59,12 +62,14 @@ def atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path, path.stem, path.suffix)
     # keep the suffix: loaders (transformers for GGUF) pick the format by extension
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=partial_prefix(path.stem), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
+        with disk_full_as_error(path, tmp):
+            yield tmp
         tmp.chmod(0o644)
         os.replace(tmp, path)
     finally:

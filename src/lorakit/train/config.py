@@ -8,6 +8,7 @@ from typing import Literal
 from lorakit.config import opt
 from lorakit.errors import ConfigError
 from lorakit.options import ModelOptions, Precision, PromptDataOptions, adapter_option
+from lorakit.train.distributed_config import DistributedOptions
 
 
 @dataclass
@@ -29,8 +30,9 @@ class LoraOptions:
 
 
 @dataclass
-class TrainOptions:
-    """Training options shared by finetune and pretrain: batches, schedule, precision, checkpoints, output."""
+class TrainOptions(DistributedOptions):
+    """Training options shared by finetune and pretrain: batches, schedule, precision, checkpoints, output
+    (and, inherited, where the processes run: distributed_config.py)."""
 
     output_dir: str = opt("./lora-alpaca", "where the adapter, logs, plot and checkpoints go")
     batch_size: int = opt(128, "global batch size (examples per optimizer step, via gradient accumulation)")
@@ -69,6 +71,7 @@ class TrainOptions:
             raise ConfigError("--learning-rate must be positive")
         if self.nproc != "auto" and not (str(self.nproc).isdigit() and int(self.nproc) >= 1):
             raise ConfigError(f"--nproc must be auto or a number >= 1, got {self.nproc!r}")
+        self.validate_distributed()
 
 
 @dataclass

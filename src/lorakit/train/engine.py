@@ -36,6 +36,7 @@ from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, Loss
 from lorakit.train.checkpoints import LAST, check_checkpoint, is_checkpoint_dir, latest_complete_checkpoint
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.distributed import across_processes, ddp_skip_frozen, is_main_process, world_size
+from lorakit.train.fsdp import fsdp_arguments
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
@@ -105,7 +106,13 @@ def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool)
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **fsdp_arguments(getattr(cfg, "fsdp", False)),
     )
+
+
+def _dataset(data: Sequence[Any]) -> Any:
+    """A torch Dataset as it is (pretrain's blocks are views into a memory map), any other sequence as a list."""
+    return data if isinstance(data, torch.utils.data.Dataset) else list(data)
 
 
 def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -119,7 +126,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if (out / ADAPTER_FILE).exists() and not (cfg.overwrite or checkpoint):
         raise OutputExistsError(f"{out} already holds a trained adapter; pass --overwrite, "
                                 "or --resume-from-checkpoint last to continue its run")
-    if not train_data:
+    if not len(train_data):
         raise ConfigError("no training examples left after tokenization")
     precision = resolve_precision(cfg.precision)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +142,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights (and so optimizer state) stay fp32
     speed_up_lora(peft_model, precision)
-    if world_size() > 1:
+    if world_size() > 1 and not getattr(cfg, "fsdp", False):
         ddp_skip_frozen(peft_model)
     if start_adapter:
         load_adapter_weights(peft_model, start_adapter)
@@ -148,8 +155,8 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), plot, LogFinalStepCallback()]
     balanced = cfg.padding_free and collator is None and not cfg.group_by_length
     trainer_class = BalancedTrainer if balanced else TokenCountingTrainer
-    trainer = trainer_class(model=peft_model, args=args, train_dataset=list(train_data),
-                            eval_dataset=list(eval_data) if eval_data else None,
+    trainer = trainer_class(model=peft_model, args=args, train_dataset=_dataset(train_data),
+                            eval_dataset=_dataset(eval_data) if eval_data else None,
                             data_collator=collator or make_collator(tokenizer, padding_free=cfg.padding_free),
                             processing_class=tokenizer, callbacks=callbacks)
     if is_main_process() and not checkpoint:

@@ -29,6 +29,7 @@ from lorakit.config import save_yaml
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.machine import available_memory, usable_cores
 from lorakit.train.config import gradient_accumulation_steps
+from lorakit.train.distributed_config import DistributedOptions, rendezvous_args
 
 if TYPE_CHECKING:
     from lorakit.train.summary import TrainSummary
@@ -49,9 +50,11 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def torchrun_command(verb: str, config_file: str | os.PathLike[str], nproc: int) -> list[str]:
-    """The command line that re-runs `verb` with `config_file` as `nproc` torchrun workers."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def torchrun_command(verb: str, config_file: str | os.PathLike[str], nproc: int,
+                     nodes: DistributedOptions | None = None) -> list[str]:
+    """`torchrun` for `nproc` processes on this machine: --standalone, or the rendezvous of `nodes`."""
+    rendezvous = rendezvous_args(nodes) if nodes is not None else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
             "-m", "lorakit", *verb.split(), str(config_file)]
 
 
@@ -121,6 +124,9 @@ def resolve_nproc(cfg: Any) -> int:
     """cfg.nproc as a number of processes (auto decided here, on this machine)."""
     if cfg.nproc != "auto":
         return int(cfg.nproc)
+    if getattr(cfg, "nnodes", 1) > 1:  # every machine must start the same number: auto could differ between them
+        log.info("--nproc auto: 1 process on this machine (--nnodes %d: give --nproc N for more)", cfg.nnodes)
+        return 1
     import torch
 
     from lorakit.formats.safetensors_io import param_count
@@ -152,14 +158,17 @@ def relaunch_if_needed(cfg: Any, verb: str) -> int | None:
                               "drop --nproc when using torchrun or accelerate launch")
         return None
     nproc = resolve_nproc(cfg)
-    if nproc <= 1:
+    multi_node = getattr(cfg, "multi_node", False)
+    if nproc <= 1 and not multi_node:
         return None
-    gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, nproc)  # refuse bad splits up front
+    # refuse bad splits up front (the batch is split over the processes of all machines)
+    gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, nproc * getattr(cfg, "nnodes", 1))
     with tempfile.TemporaryDirectory(prefix="lorakit-launch-") as tmp:
         config_file = Path(tmp) / "options.yaml"
         save_yaml(dataclasses.replace(cfg, nproc="1"), config_file)
-        command = torchrun_command(verb, config_file, nproc)
-        log.info("launching %d processes: %s", nproc, " ".join(command))
+        command = torchrun_command(verb, config_file, nproc, cfg if multi_node else None)
+        where = f" on node {cfg.node_rank} of {cfg.nnodes}" if multi_node else ""
+        log.info("launching %d process%s%s: %s", nproc, "es" if nproc > 1 else "", where, " ".join(command))
         return subprocess.run(command, env=worker_env(nproc), check=False).returncode
 
 

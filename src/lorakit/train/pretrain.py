@@ -15,13 +15,13 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorakit.data import read_text_documents
+from lorakit.data.blocks import TokenBlocks
+from lorakit.data.token_cache import TokenCache, load_or_build
 from lorakit.errors import DataError
 from lorakit.models import check_vocab, load_model, load_tokenizer, resolve_model_dir
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.train.distributed import is_main_process
 from lorakit.train.engine import train
-from lorakit.train.finetune import split_validation
 from lorakit.train.pretrain_config import PretrainConfig
 from lorakit.train.summary import TrainSummary
 
@@ -85,25 +85,34 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
     return True
 
 
+def tokenized_corpus(cfg: PretrainConfig, tokenizer, model_dir: Path) -> TokenCache:
+    """The corpus as one token stream in the on-disk cache (data/token_cache.py): tokenized here in parallel
+    the first time, memory-mapped afterwards."""
+    from lorakit.machine import usable_cores
+    from lorakit.models.resolve import cache_root
+
+    cache_dir = Path(cfg.data_cache_dir).expanduser() if cfg.data_cache_dir else cache_root() / "tokens"
+    source = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir)
+    return load_or_build(cfg.data_path, tokenizer, source, cache_dir, cfg.preprocessing_num_workers or usable_cores())
+
+
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
     """Train a LoRA adapter on raw text cut into blocks (continued pre-training); returns the TrainSummary."""
     from transformers import default_data_collator
 
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
-    # Data problems surface before the (slow) tokenizer and model loads.
-    documents = read_text_documents(cfg.data_path)
-    if not documents:
-        raise DataError(cfg.data_path, None, None, "no non-empty documents")
     tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
-    stream = tokenize_documents(documents, tokenizer)
-    blocks = make_blocks(stream, cfg.block_size)
-    if not blocks:
-        raise DataError(cfg.data_path, None, None, f"only {len(stream)} tokens, fewer than --block-size "
+
+    # Data problems surface before the (slow) model load.
+    tokens = tokenized_corpus(cfg, tokenizer, model_dir)
+    blocks = TokenBlocks(tokens.tokens, cfg.block_size)  # views into the memory-mapped token file
+    if not len(blocks):
+        raise DataError(cfg.data_path, None, None, f"only {len(tokens)} tokens, fewer than --block-size "
                                                    f"{cfg.block_size}: lower --block-size or add text")
-    train_set, val_set = split_validation(blocks, cfg.val_set_size, cfg.seed)
-    log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d", len(documents),
-             len(stream), len(train_set), len(val_set), cfg.block_size)
+    train_set, val_set = blocks.split(cfg.val_set_size, cfg.seed)
+    log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d", tokens.meta["documents"],
+             len(tokens), len(train_set), len(val_set) if val_set else 0, cfg.block_size)
 
     model = load_model(model_dir, weights_dtype(precision))
     rows = model.get_input_embeddings().weight.shape[0]
@@ -114,7 +123,7 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
             if name not in cfg.modules_to_save:
                 cfg.modules_to_save.append(name)
     # Blocks all have the same length: stacking them needs no padding and no packing.
-    summary = train(cfg, model, tokenizer, train_set, val_set or None, collator=default_data_collator)
+    summary = train(cfg, model, tokenizer, train_set, val_set, collator=default_data_collator)
     if is_main_process():
         copy_sentencepiece_model(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir), tokenizer,
                                  summary.output_dir)

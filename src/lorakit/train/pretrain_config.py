@@ -22,11 +22,16 @@ class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
                                      "adapter (needed for new tokens' rows); empty: LoRA only")
     output_dir: str = opt("./lora-pretrain", "where the adapter, logs, plot and checkpoints go")
     val_set_size: int = opt(0, "blocks held out for evaluation (0: none)")
+    data_cache_dir: str = opt("", "where the tokenized corpus is cached, keyed by data files, tokenizer and options "
+                                  "(default: $LORAKIT_CACHE/tokens, else ~/.cache/lorakit/tokens)")
+    preprocessing_num_workers: int = opt(0, "processes tokenizing the corpus (default: 0, one per core)")
 
     def validate(self) -> None:
         if self.block_size < 8:
             raise ConfigError("--block-size must be at least 8")
         self.validate_lora()
+        if self.preprocessing_num_workers < 0:
+            raise ConfigError("--preprocessing-num-workers must be >= 0 (0: one per core)")
         if self.val_set_size < 0:
             raise ConfigError("--val-set-size must be >= 0")
         self.validate_train()

@@ -9,6 +9,7 @@ from transformers import Trainer
 
 from lorakit.data.balance import BalancedOrder
 from lorakit.train.checkpoints import CompleteCheckpoints
+from lorakit.train.fsdp import enable_fsdp_on_cpu
 
 
 class TokenCountingTrainer(CompleteCheckpoints, Trainer):
@@ -18,6 +19,10 @@ class TokenCountingTrainer(CompleteCheckpoints, Trainer):
     all-reduce has just lined them up anyway (docs/performance.md#fewer-waits-between-processes)."""
 
     _tokens_pending = 0  # tokens of this process's micro-batches since the last optimizer step
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # --fsdp on CPU (see fsdp.py)
 
     def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
         if "attention_mask" in inputs:  # padded rows; padding-free rows have none (pad only at their end)
