@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision
+from lorakit.options import ModelOptions, Precision, QuantizationOptions
 
 
 @dataclass
-class EngineOptions(ModelOptions):
+class EngineOptions(QuantizationOptions, ModelOptions):
     lora_weights: list[str] = opt([], "LoRA adapter folder(s), applied in order; NAME=PATH names one (the "
                                       "server selects adapters by name)")
     prompt_template: str = opt("auto", "auto (the template the adapter was trained with, else the tokenizer's "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorakit.errors import MismatchError, ModelNotFoundError
+from lorakit.models.quantize import Quantization, is_quantized, load_quantized, merge_allowed
 from lorakit.models.resolve import resolve_adapter_dir, resolve_model_dir
 
 if TYPE_CHECKING:
@@ -129,8 +130,9 @@ def resize_embeddings(model: PreTrainedModel, new_rows: int) -> None:
 
 
 def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """Load a causal LM from an alias, .gguf or HF folder (resolved through `resolve_model_dir`)."""
+               attn_implementation: str = "sdpa", quantization: Quantization | None = None) -> PreTrainedModel:
+    """Load a causal LM from an alias, .gguf or HF folder (resolved through `resolve_model_dir`);
+    with `quantization` (QuantizationOptions asking for 8bit/4bit) through models/quantize.py."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -138,6 +140,8 @@ def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | str | Non
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    if is_quantized(quantization):
+        return load_quantized(folder, quantization, dtype or torch.float32, attn_implementation)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
                                                 attn_implementation=attn_implementation)
 
@@ -194,17 +198,19 @@ def adapter_tokenizer_dir(adapter_dirs: Sequence[str | os.PathLike[str]]) -> Pat
 
 def load_model_and_tokenizer(base_model: str, tokenizer: str | None = None, adapters: Sequence[str] = (),
                              dtype: torch.dtype | str | None = None, merge: bool = False,
-                             names: Sequence[str] | None = None):
+                             names: Sequence[str] | None = None, quantization: Quantization | None = None):
     """Everything a verb needs to run a model: (model, tokenizer), vocabularies checked.
 
     The tokenizer is `tokenizer` if given, else the last adapter's own (if it ships one), else the
-    base model's; extended-vocabulary adapters resize the embeddings before loading.
+    base model's; extended-vocabulary adapters resize the embeddings before loading. On a quantized
+    base (`quantization`) adapters are never merged into the weights (see quantize.merge_allowed).
     """
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     tok = load_tokenizer(resolve_model_dir(base_model), tokenizer or adapter_tokenizer_dir(adapter_dirs),
                          add_pad_token=False)
     pad_added = ensure_pad_token(tok)
-    model = load_model(base_model, dtype)
+    model = load_model(base_model, dtype, quantization=quantization)
+    merge = merge_allowed(quantization, merge, len(adapter_dirs))
     model = attach_adapters(model, adapter_dirs, names=names, merge=merge)
     check_vocab(tok, model, allow_resize=pad_added)
     return model, tok

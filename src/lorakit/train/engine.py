@@ -41,6 +41,7 @@ from lorakit.train.callbacks import JsonlLogCallback, LogFinalStepCallback, Loss
 from lorakit.train.config import LoraOptions, TrainOptions, gradient_accumulation_steps
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
+from lorakit.train.memory import prepare_base
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
 from lorakit.precision import resolve_precision
@@ -299,6 +300,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
+    model = prepare_base(model, cfg, world_size())  # quantized base, gradient checkpointing (memory.py)
     install_training_loss(model)  # the same loss, fused with the lm_head: no [tokens x vocab] logits
     swap_rmsnorms(model)  # the same norms with a one-expression backward
     if cfg.padding_free and collator is None and use_packed_attention(model):

@@ -66,7 +66,7 @@ def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch
 def evaluate(cfg: EvalConfig) -> EvalResult:
     precision = resolve_precision(cfg.precision)
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,
-                                                dtype=precision, merge=True)
+                                                dtype=precision, merge=True, quantization=cfg)
     prompter = get_prompter(cfg.prompt_template, tokenizer)
     examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)
     if cfg.limit:

@@ -125,6 +125,9 @@ def resolve_nproc(cfg: Any) -> int:
     """cfg.nproc as a number of processes (auto decided here, on this machine)."""
     if cfg.nproc != "auto":
         return int(cfg.nproc)
+    if getattr(cfg, "quantization", "none") != "none":
+        log.info("--nproc auto: 1 process (a quantized base trains in one process)")
+        return 1
     import torch
 
     from lorakit.merge.safetensors_io import param_count
