@@ -40,14 +40,14 @@ def features(tok, tiny_alpaca_json):
                              train_on_inputs=False)
 
 
-def _lora(model, precision: str, lorakit: bool):
-    """All-linear LoRA (dropout off) with a random B drawn by name, the same for every model built here."""
+def _lora(model, precision: str, lorakit: bool, dropout: float = 0.0):
+    """All-linear LoRA with a random B drawn by name, the same for every model built here."""
     from peft import LoraConfig, get_peft_model
 
     from lorakit.train.lora_layers import speed_up_lora
 
     torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
                                             task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(1)
     for name, p in sorted(peft.named_parameters()):
@@ -65,14 +65,18 @@ def plain_model(model_dir, quantization: str, precision: str):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(precision),
-                                                 quantization_config=bnb_config(qopts(quantization),
-                                                                                weights_dtype(precision)))
+    if quantization == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(precision))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(precision),
+                                                     quantization_config=bnb_config(qopts(quantization),
+                                                                                    weights_dtype(precision)))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
-    return _lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), precision, False)
+    return _lora(model, precision, False)
 
 
-def lorakit_model(model_dir, quantization: str, precision: str, checkpointing: bool):
+def lorakit_model(model_dir, quantization: str, precision: str, checkpointing: bool, dropout: float = 0.0):
     """What train/engine.py builds: lorakit's loader and preparation, fused loss, RMSNorm, packed attention,
     FastDropout/bf16 LoRA inputs."""
     from lorakit.models.rmsnorm import swap_rmsnorms
@@ -87,7 +91,7 @@ def lorakit_model(model_dir, quantization: str, precision: str, checkpointing: b
     assert install_training_loss(model) and isinstance(model.lm_head, FusedLMHead)  # the head is not quantized
     assert swap_rmsnorms(model) > 0 and use_packed_attention(model)
     assert model.is_activation_checkpointing == checkpointing
-    return _lora(model, precision, True)
+    return _lora(model, precision, True, dropout)
 
 
 def loss_and_grads(model, batch: dict, precision: str) -> tuple[float, dict[str, torch.Tensor]]:
@@ -95,15 +99,15 @@ def loss_and_grads(model, batch: dict, precision: str) -> tuple[float, dict[str,
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = model(**batch).loss
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_lorakit_training_step_on_a_quantized_base_equals_hf_peft(tiny_model_dir, tok, features, quantization,
                                                                  precision):
     """Padded batch through plain HF+PEFT vs the packed row through every lorakit fast path, with and
-    without gradient checkpointing: same loss and LoRA gradients on the same quantized weights."""
+    without gradient checkpointing: same loss and LoRA gradients on the same (quantized) weights."""
     padded = make_collator(tok, padding_free=False)([dict(f) for f in features])
     packed = make_collator(tok, padding_free=True)([dict(f) for f in features])
     ref_loss, ref_grads = loss_and_grads(plain_model(tiny_model_dir, quantization, precision), padded, precision)
@@ -117,6 +121,24 @@ def test_lorakit_training_step_on_a_quantized_base_equals_hf_peft(tiny_model_dir
             scale = ref_grads[name].abs().max()
             assert scale > 0, name
             assert (g - ref_grads[name]).abs().max() <= (1e-3 if precision == "fp32" else 5e-2) * scale, name
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_checkpointing_replays_the_lora_dropout(tiny_model_dir, tok, features, quantization):
+    """FastDropout draws again in the recomputed forward: torch's checkpoint restores the RNG, so a run with
+    dropout gets the same gradients with and without gradient checkpointing."""
+    packed = make_collator(tok, padding_free=True)([dict(f) for f in features])
+    results = []
+    for checkpointing in (False, True):
+        model = lorakit_model(tiny_model_dir, quantization, "fp32", checkpointing, dropout=0.3)
+        torch.manual_seed(7)
+        results.append(loss_and_grads(model, packed, "fp32"))
+    (loss0, grads0), (loss1, grads1) = results
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, atol=1e-6, rtol=1e-4)
+    torch.manual_seed(8)  # and the dropout is really on: another draw, another loss
+    assert loss_and_grads(model, packed, "fp32")[0] != pytest.approx(loss0, rel=1e-6)
 
 
 def test_bnb_config_follows_the_flags():
@@ -145,7 +167,8 @@ def test_refusals_at_config_time(tiny_model_dir, tiny_alpaca_json, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs the bitsandbytes package, which is not installed"):
         build_config(FinetuneConfig, base)
     validate_quantization(qopts("none"))  # nothing asked, nothing needed

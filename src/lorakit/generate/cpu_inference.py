@@ -150,6 +150,9 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
     weight = next(model.parameters(), None)
     if hasattr(model, "peft_config") or weight is None or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
+    if getattr(model, "is_quantized", False):  # bitsandbytes linears cannot be stacked or prepacked
+        log.info("note: on a quantized base q/k/v and gate/up stay separate 4/8-bit products; only the "
+                 "norms are fused and the full-precision lm_head prepacked")
     fused = swap_modules(model, _fused)
     packed = swap_modules(model, _packed) if packing_works() else 0
     return f"{fused} modules fused, {packed} linears prepacked"

@@ -74,9 +74,8 @@ class Engine:
     def load(cls, opts: EngineOptions, merge: bool | None = None, **kwargs: Any) -> Engine:
         """Load base model, adapters (merged or selectable), tokenizer and prompt template once."""
         from lorakit.models import load_model_and_tokenizer, resolve_adapter_dir
-        from lorakit.prompts import get_prompter
-
         from lorakit.models.quantize import merge_allowed
+        from lorakit.prompts import get_prompter
 
         specs = opts.adapter_specs()
         merge = merge_allowed(opts, opts.merge if merge is None else merge, len(specs))  # not into 4/8-bit weights

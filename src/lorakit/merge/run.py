@@ -33,11 +33,13 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
     from tqdm import tqdm
 
     from lorakit.models import check_vocab_rows, load_tokenizer, resolve_adapter_dir, resolve_model_dir
+    from lorakit.models.quantize import refuse_quantized_merge_base
 
     start = time.perf_counter()
     out = Path(output_dir).expanduser()
     check_output_dir(out, overwrite)  # fail before any work
     base_dir = resolve_model_dir(base_model)
+    refuse_quantized_merge_base(base_dir)  # a bitsandbytes checkpoint: merge into the original weights
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     plan = plan_merge(base_dir, adapter_dirs, dtype)
     tok_source: Path | None = tokenizer_source(tokenizer, adapter_dirs, base_dir)

@@ -33,7 +33,7 @@ def prepare_base(model: Any, cfg: Any, processes: int = 1) -> Any:
                               "torchrun/accelerate launch (or drop --quantization)")
         model = prepare_for_kbit_training(model, checkpointing)
     elif checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if checkpointing:
         log.info("gradient checkpointing: each decoder layer is recomputed in the backward pass")
     return model
