@@ -180,3 +180,21 @@ def test_adapters_are_not_merged_into_quantized_weights():
     assert merge_allowed(qopts("8bit"), False, 1) is False
     with pytest.raises(ConfigError, match="--no-merge"):
         merge_allowed(qopts("4bit"), True, 2)
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_streaming_load_equals_transformers_load(tiny_model_dir, quantization):
+    """lorakit reads the checkpoint tensor by tensor (pread, see quantize.load_streaming): the same quantized
+    weights as transformers' own from_pretrained on the folder, and the model still knows its folder."""
+    from transformers import AutoModelForCausalLM
+
+    mine = load_model(tiny_model_dir, torch.float32, quantization=qopts(quantization))
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                  quantization_config=bnb_config(qopts(quantization), torch.float32))
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert mine.name_or_path == str(tiny_model_dir) and mine.hf_quantizer is not None
+    kind = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[quantization]
+    assert type(mine.model.layers[0].mlp.up_proj).__name__ == kind

@@ -5,8 +5,8 @@ checks that a quantized load makes sense, and loads.
 quantization of the block scales; both through transformers' `BitsAndBytesConfig`, on the CPU as on
 CUDA. The linear layers of the decoder are quantized; the embeddings, norms and lm_head keep the
 weights dtype (transformers leaves the output layer unquantized), which the compute dtype follows.
-Loading streams the checkpoint tensor by tensor (see quantized_load.py), so that the peak is the
-quantized model plus one tensor, not the full-precision shards.
+Loading reads the checkpoint tensor by tensor (`load_streaming`), so that the peak is the quantized
+model plus a few tensors, not the full-precision shards.
 """
 
 from __future__ import annotations
@@ -143,10 +143,51 @@ def load_quantized(folder: Path, opts: Quantization, dtype: torch.dtype,
     require_bitsandbytes(opts.quantization)
     check_quantized_base(folder, opts)
     quiet_bitsandbytes()
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                 quantization_config=bnb_config(opts, dtype), device_map=device_map)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation,
+              "quantization_config": bnb_config(opts, dtype),
+              "device_map": {"": 0} if torch.cuda.is_available() else {"": "cpu"}}
+    model = load_streaming(folder, kwargs)
+    if model is None:  # not safetensors, or an architecture transformers does not export by name
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     log.info("base loaded in %s (%s)", opts.quantization, describe_model(model))
+    return model
+
+
+def load_streaming(folder: Path, kwargs: dict[str, Any]) -> PreTrainedModel | None:
+    """from_pretrained over the checkpoint's tensors read with pread, one at a time, instead of mmap.
+
+    transformers reads safetensors through memory maps that stay open until the whole model is loaded:
+    every page it touched counts in the process's resident memory, so a quantized load peaked at the
+    full-precision size plus the quantized one (measured: 3.1 GB for a 2.0 GB bf16 checkpoint quantized to
+    0.7 GB). Handed lazy slices of safetensors' pread backend instead, each tensor is read into its own
+    buffer when transformers materialises it and freed once quantized. None when this does not apply."""
+    import transformers
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(folder)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if not files or cls is None or not hasattr(cls, "from_pretrained"):
+        return None
+    handles, state_dict = [], {}
+    try:
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt", device="cpu", backend="pread")
+            except TypeError:  # a safetensors without the pread backend
+                return None
+            handles.append(handle)
+            state_dict.update({k: handle.get_slice(k) for k in handle.keys()})  # noqa: SIM118 (not a dict)
+        # the folder goes in as config + state_dict (transformers takes a state_dict only without a path)
+        model = cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    finally:
+        for handle in handles:
+            handle.__exit__(None, None, None)
+    model.config.name_or_path = model.name_or_path = str(folder)  # as from_pretrained(folder) records it
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
 
 
