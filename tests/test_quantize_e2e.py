@@ -93,6 +93,19 @@ def test_qlora_finetune_load_generate_merge_export(tiny_model_dir, tiny_alpaca_j
     torch.testing.assert_close(_logits(engine.model), want)
     with peft4.disable_adapter():
         assert (_logits(peft4) - want).abs().max() > 1e-3  # the adapter changes the output
+    # eval on the same base: the masked loss of PEFT's model on the same examples
+    from lorakit.data import read_examples, tokenize_examples
+    from lorakit.prompts import get_prompter
+    from lorakit.train.config import EvalConfig
+    from lorakit.train.evaluate import evaluate, masked_loss
+
+    result = evaluate(build_config(EvalConfig, dict(base_model=str(tiny_model_dir), data_path=str(tiny_alpaca_json),
+                                                    lora_weights=[str(adapter)], quantization=quantization,
+                                                    limit=8, cutoff_len=64)))
+    tok = engine.tokenizer
+    examples = read_examples(tiny_alpaca_json)[0][:8]
+    features = tokenize_examples(examples, get_prompter("alpaca", tok), tok, 64, True, True)
+    assert result.loss == pytest.approx(masked_loss(peft4, tok, features)[0], rel=1e-4)
     code, out, err = cli(capsys, "generate", "--base-model", tiny_model_dir, "--lora-weights", adapter,
                          "--quantization", quantization, "--instruction", "Say hi", "--max-new-tokens", "4",
                          "--temperature", "0", "--no-stream")
@@ -169,3 +182,20 @@ def test_a_gguf_base_is_quantized_again_with_a_notice(tiny_model_dir, tmp_path, 
     with caplog.at_level("INFO", logger="lorakit"):
         check_quantized_base(tiny_model_dir, qopts("4bit"))
     assert "GGUF" not in caplog.text
+
+
+def test_pretrain_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):
+    """pretrain trains embed_tokens/lm_head fully next to the LoRA: on a 4-bit base they stay full precision."""
+    from safetensors import safe_open
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(40)))
+    out = tmp_path / "pt"
+    code, _, err = cli(capsys, "pretrain", "--base-model", tiny_model_dir, "--data-path", text, "--output-dir", out,
+                       "--quantization", "4bit", "--block-size", "32", "--batch-size", "4", "--micro-batch-size",
+                       "2", "--max-steps", "1", "--precision", "fp32", "--warmup-steps", "0")
+    assert code == 0, err
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        assert any("embed_tokens" in n and "lora" not in n for n in names)
+        assert all(f.get_tensor(n).dtype == torch.float32 for n in names)
