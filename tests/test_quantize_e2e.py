@@ -199,3 +199,37 @@ def test_pretrain_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):
         names = list(f.keys())
         assert any("embed_tokens" in n and "lora" not in n for n in names)
         assert all(f.get_tensor(n).dtype == torch.float32 for n in names)
+
+
+def test_serve_engine_on_a_4bit_base_answers_as_hf_generate(tmp_path_factory):
+    """What `lorakit serve --quantization 4bit --lora-weights alpha=...` runs: the adapter selectable by name
+    next to the base, greedy answers equal to HF generate on PEFT's model over the same 4-bit base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.config import build_config
+    from lorakit.generate.engine import GenerationParams
+    from lorakit.generate.runner import Engine
+    from lorakit.serve.config import ServeConfig
+    from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model
+
+    model_dir = tiny_chat_model(tmp_path_factory)
+    alpha = make_adapter(model_dir, tmp_path_factory.mktemp("q-adapters") / "alpha", seed=3)
+    engine = Engine.load(build_config(ServeConfig, dict(base_model=str(model_dir), lora_weights=[f"alpha={alpha}"],
+                                                        quantization="4bit", precision="fp32")))
+    assert engine.model_names == ["tiny-chat", "alpha"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(qopts("4bit"), torch.float32))
+    tuned = PeftModel.from_pretrained(base, str(alpha)).eval()
+    ids = list(tok("The quick brown fox")["input_ids"])
+    try:
+        for adapter in ("alpha", None):
+            got = engine.complete(ids, GenerationParams(max_new_tokens=8, temperature=0.0), adapter=adapter).text
+            if adapter:
+                want = hf_greedy(tuned, tok, ids, 8)
+            else:
+                with tuned.disable_adapter():
+                    want = hf_greedy(tuned, tok, ids, 8)
+            assert got == want, adapter
+    finally:
+        engine.close()
