@@ -110,10 +110,20 @@ class Result:
     step_s: float  # seconds per optimizer step (mean of the steps after the first when there are several)
     loss: float  # loss of the first step (same data and LoRA init in every configuration)
     peak_gpu_mb: float | None = None
+    shape: str = ""
+    seq: int = 0
+    runtime_mb: float = 0.0  # RSS after the imports, before loading the model (0: not measured)
 
 
 def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -129,6 +139,7 @@ def worker(args: argparse.Namespace) -> None:
 
     opts = argparse.Namespace(quantization=args.config, bnb_4bit_quant_type="nf4", bnb_4bit_double_quant=True,
                               gradient_checkpointing=args.checkpointing)
+    runtime = rss_now_mb()
     start = time.perf_counter()
     model = load_model(args.model_dir, torch.bfloat16, quantization=opts)
     model.config.use_cache = False
@@ -160,13 +171,13 @@ def worker(args: argparse.Namespace) -> None:
     step_s = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = Result(args.config, args.checkpointing, load_s, load_peak, weights, rss_peak_mb(), step_s, losses[0],
-                    gpu)
+                    gpu, args.shape, args.seq, runtime)
     print(json.dumps(asdict(result)))
 
 
-def run_config(model_dir: Path, config: str, checkpointing: bool, seq: int, steps: int) -> Result | str:
+def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int) -> Result | str:
     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir), "--config", config, "--seq", str(seq),
-           "--steps", str(steps), "--ckpt", str(int(checkpointing))]
+           "--steps", str(steps), "--ckpt", str(int(checkpointing)), "--shape", shape]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "LORAKIT_LOG_LEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -199,33 +210,39 @@ def weight_bytes(shape: str, config: str) -> float:
 
 @dataclass
 class Fit:
-    runtime: float  # bytes of the process besides weights, LoRA state and activations
-    per_token_layer: float  # activation bytes kept per token and layer without checkpointing
-    per_token_layer_ckpt: float  # with checkpointing (the layer inputs, plus one layer recomputed)
+    runtime: float  # bytes of the process before the model loads (Python, torch, transformers, bitsandbytes)
+    per_token_layer: dict[tuple[bool, bool], float]  # (quantized, checkpointing) -> bytes per token and layer
 
 
-def fit(results: list[Result], shape: str, seq: int) -> Fit:
-    """Runtime and activations per token and layer from the measured peaks (least squares over the runs)."""
-    import numpy as np
-
-    _, layers, *_ = SHAPES[shape]
-    _, _, lora = parameter_groups(shape)
-    rows, target = [], []
+def fit(results: list[Result]) -> Fit:
+    """The measured runtime, and what is left of each peak after weights, LoRA state and runtime, per token and
+    layer, averaged per (quantized, checkpointing): on a quantized base PEFT keeps the residual stream in fp32
+    (its embeddings are upcast), so its activations are not those of the bf16 run."""
+    runtimes = [r.runtime_mb for r in results if r.runtime_mb] or \
+        [r.load_peak_mb for r in results if r.config == "none"]  # mmapped weights untouched at that point
+    runtime = sum(runtimes) / len(runtimes) * 2**20
+    groups: dict[tuple[bool, bool], list[float]] = {}
     for r in results:
-        rows.append([1.0, 0.0 if r.checkpointing else seq * layers, seq * layers if r.checkpointing else 0.0])
-        target.append(r.peak_mb * 2**20 - weight_bytes(shape, r.config) - 16.0 * lora)
-    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(target), rcond=None)
-    return Fit(*[float(c) for c in coef])
+        _, layers, *_ = SHAPES[r.shape]
+        rest = r.peak_mb * 2**20 - weight_bytes(r.shape, r.config) - 16.0 * parameter_groups(r.shape)[2] - runtime
+        groups.setdefault((r.config != "none", r.checkpointing), []).append(rest / (r.seq * layers))
+    return Fit(runtime, {k: sum(v) / len(v) for k, v in groups.items()})
 
 
-def project(shape: str, config: str, checkpointing: bool, seq: int, f: Fit) -> float:
+def project(shape: str, config: str, checkpointing: bool, seq: int, f: Fit) -> float | None:
+    key = (config != "none", checkpointing)
+    if key not in f.per_token_layer:
+        return None
     _, layers, *_ = SHAPES[shape]
-    _, _, lora = parameter_groups(shape)
-    act = (f.per_token_layer_ckpt if checkpointing else f.per_token_layer) * seq * layers
-    return weight_bytes(shape, config) + 16.0 * lora + act + f.runtime
+    act = f.per_token_layer[key] * seq * layers
+    return weight_bytes(shape, config) + 16.0 * parameter_groups(shape)[2] + act + f.runtime
 
 
-def report(results: list[Result | tuple[str, bool, str]], shape: str, seq: int, model_gb: float) -> None:
+def gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.1f} GB"
+
+
+def report(results: list, shape: str, seq: int, model_gb: float) -> None:
     print(f"\nshape {shape} ({model_gb:.1f} GB bf16 on disk), LoRA r {LORA_R} on {'/'.join(LORA_TARGETS)}, "
           f"sequence {seq}, bf16 compute, {os.cpu_count()} CPU threads")
     ok = [r for r in results if isinstance(r, Result)]
@@ -240,22 +257,31 @@ def report(results: list[Result | tuple[str, bool, str]], shape: str, seq: int, 
         print(f"| {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
               f"{r.load_peak_mb / 1024:.2f} GB | {r.weights_mb / 1024:.2f} GB | {r.load_s:.1f} | {r.step_s:.1f} | "
               f"{r.loss:.4f} |")
-    if len({r.checkpointing for r in ok}) < 2 or len(ok) < 3:
-        return
-    f = fit(ok, shape, seq)
-    print(f"\nfit: runtime {f.runtime / 2**30:.2f} GB; activations per token and layer "
-          f"{f.per_token_layer / 1024:.0f} KB (checkpointed: {f.per_token_layer_ckpt / 1024:.0f} KB)")
-    print("| base | grad. ckpt | measured | formula |")
-    print("|---|---|---|---|")
-    for r in ok:
-        print(f"| {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | "
-              f"{project(shape, r.config, r.checkpointing, seq, f) / 2**30:.2f} GB |")
-    print(f"\nprojection (formula above, sequence {seq}):")
+
+
+def report_projection(fitted: list[Result], checks: list[Result]) -> None:
+    """The formula fitted on `fitted`, shown against every measurement (`checks`: other shapes, not fitted)."""
+    f = fit(fitted)
+    acts = ", ".join(f"{'quantized' if q else 'bf16'}{' +ckpt' if c else ''} {v / 1024:.0f} KB"
+                     for (q, c), v in sorted(f.per_token_layer.items()))
+    print(f"\nformula fitted on {fitted[0].shape}: runtime {f.runtime / 2**30:.2f} GB (measured before loading); "
+          f"activations per token and layer: {acts}")
+    print("| shape | base | grad. ckpt | measured peak | formula | fitted on it |")
+    print("|---|---|---|---|---|---|")
+    for r in [*fitted, *checks]:
+        print(f"| {r.shape} | {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | "
+              f"{gb(project(r.shape, r.config, r.checkpointing, r.seq, f))} | {'yes' if r in fitted else 'no'} |")
+    seq = fitted[0].seq
+    print(f"\nprojection (sequence {seq}; weights + LoRA state + activations + runtime):")
     print("| shape | " + " | ".join(f"{c}{' +ckpt' if ck else ''}" for c in CONFIGS for ck in (False, True)) + " |")
     print("|---|" + "---|" * 6)
     for s in ("7b", "13b", "70b"):
-        cells = [f"{project(s, c, ck, seq, f) / 2**30:.1f} GB" for c in CONFIGS for ck in (False, True)]
+        cells = [gb(project(s, c, ck, seq, f)) for c in CONFIGS for ck in (False, True)]
         print(f"| {s} | " + " | ".join(cells) + " |")
+
+
+def load_results(paths: list[str]) -> list[Result]:
+    return [Result(**row) for p in paths for row in json.loads(Path(p).read_text())]
 
 
 def main() -> None:
@@ -269,11 +295,21 @@ def main() -> None:
     p.add_argument("--model-dir", help="reuse (or keep) the random model in this folder")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--results-out", help="also write the measurements to this JSON file")
+    p.add_argument("--from-results", nargs="+", metavar="JSON", help="report saved measurements instead of running: "
+                   "the formula is fitted on the first file and checked against the others")
     p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.checkpointing = bool(args.ckpt)
         worker(args)
+        return
+    if args.from_results:
+        fitted = load_results(args.from_results[:1])
+        for path in args.from_results:
+            rows = load_results([path])
+            report(rows, rows[0].shape, rows[0].seq, 2 * sum(parameter_groups(rows[0].shape)[:2]) / 2**30)
+        report_projection(fitted, load_results(args.from_results[1:]))
         return
     sys.path.insert(0, str(ROOT / "src"))
     tmp = None
@@ -294,10 +330,15 @@ def main() -> None:
         results: list = []
         for config in args.configs.split(","):
             for ck in checkpointing:
-                r = run_config(model_dir, config, ck, args.seq, args.steps)
+                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps)
                 results.append(r if isinstance(r, Result) else (config, ck, r))
                 print(f"  {config} ckpt={ck}: {r}", flush=True)
         report(results, args.shape, args.seq, size / 2**30)
+        ok = [r for r in results if isinstance(r, Result)]
+        if args.results_out:
+            Path(args.results_out).write_text(json.dumps([asdict(r) for r in ok], indent=1))
+        if len({(r.config != "none", r.checkpointing) for r in ok}) == 4:
+            report_projection(ok, [])
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
