@@ -222,3 +222,11 @@ def test_finetune_with_gradient_checkpointing_logs_the_same_losses(tiny_model_di
     assert len(plain) == 3 and plain == pytest.approx(ckpt, rel=1e-5)
     for k, w in w_plain.items():
         torch.testing.assert_close(w_ckpt[k], w, atol=1e-6, rtol=1e-4)
+
+
+def test_a_quantized_base_under_a_multi_process_launcher_is_refused():
+    """torchrun/accelerate started by hand (WORLD_SIZE 2): refused before training starts."""
+    from lorakit.train.memory import prepare_base
+
+    with pytest.raises(ConfigError, match="quantized base trains in one process, not 2"):
+        prepare_base(torch.nn.Linear(2, 2), qopts("4bit"), processes=2)
