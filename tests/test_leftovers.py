@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.leftovers import DiskFullError, host_tag, is_disk_full, partial_prefix, remove_stale_partials
 from lorakit.checkpoint.output import atomic_dir, atomic_file
+from lorakit.leftovers import DiskFullError, host_tag, is_disk_full, partial_prefix, remove_stale_partials
 
 
 def dead_pid() -> int:

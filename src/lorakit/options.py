@@ -42,3 +42,15 @@ class PromptDataOptions:
     def validate_data(self) -> None:
         if self.cutoff_len < 8:
             raise ConfigError("--cutoff-len must be at least 8")
+
+
+@dataclass
+class QuantizationOptions:
+    """Load the base quantized with bitsandbytes (QLoRA: 4-bit NF4); see lorakit.models.quantize."""
+
+    quantization: Literal["none", "8bit", "4bit"] = opt(
+        "none", "load the base quantized with bitsandbytes: 8bit (LLM.int8) or 4bit (QLoRA); LoRA weights and "
+                "the compute dtype follow --precision")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4")
+    bnb_4bit_double_quant: bool = opt(True, "also quantize the 4-bit blocks' scales (QLoRA's double "
+                                            "quantization, ~0.4 bits/parameter less)")

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision, adapter_option
+from lorakit.options import ModelOptions, Precision, QuantizationOptions, adapter_option
 
 
 @dataclass
-class EngineOptions(ModelOptions):
+class EngineOptions(QuantizationOptions, ModelOptions):
     """Options for loading a generation engine: base model, adapters, template, precision."""
 
     lora_weights: list[str] = adapter_option("LoRA adapter folder(s), applied in order; NAME=PATH names one (the "

@@ -170,6 +170,9 @@ def optimize_for_cpu(model: nn.Module) -> str | None:
         log.info("%s: fused CPU path for the MLP%s; %s runs as transformers' own", family.name,
                  "" if not family.plain_rmsnorm else " and RMSNorm",
                  "attention (q/k norms)" if family.plain_rmsnorm else "attention and (1 + w) RMSNorm")
+    if getattr(model, "is_quantized", False):  # bitsandbytes linears cannot be stacked or prepacked
+        log.info("note: on a quantized base q/k/v and gate/up stay separate 4/8-bit products; only the "
+                 "norms are fused and the full-precision lm_head prepacked")
     fused = swap_modules(model, _fused)
     packed = swap_modules(model, _packed) if packing_works() else 0
     return f"{fused} modules fused, {packed} linears prepacked"

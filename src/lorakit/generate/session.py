@@ -50,21 +50,22 @@ class ModelSession:
     def load(cls, opts: EngineOptions, merge: bool | None = None, **kwargs: Any) -> Self:
         """Load base model, adapters (merged or selectable), tokenizer and prompt template once."""
         from lorakit.models import load_model_and_tokenizer, resolve_adapter_dir
+        from lorakit.models.quantize import merge_allowed
         from lorakit.prompts import get_prompter
 
-        merge = opts.merge if merge is None else merge
         specs = opts.adapter_specs()
+        merge = merge_allowed(opts, opts.merge if merge is None else merge, len(specs))  # not into 4/8-bit weights
         dirs = [resolve_adapter_dir(p) for _, p in specs]
         model, tokenizer = load_model_and_tokenizer(opts.base_model, opts.tokenizer, [str(d) for d in dirs],
                                                     dtype=resolve_dtype(opts.precision), merge=merge,
-                                                    names=[n for n, _ in specs])
+                                                    names=[n for n, _ in specs], quantization=opts)
         template = choose_template(opts.prompt_template, tokenizer, dirs)
         prompter = get_prompter(template, tokenizer)
         import torch
 
         from lorakit.generate.cpu_inference import optimize_for_cpu
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not getattr(model, "is_quantized", False):  # quantized: placed at load
             model = model.cuda()
         model.eval()
         optimized = optimize_for_cpu(model)  # bf16 on CPU: fused, prepacked layers (docs/performance.md)

@@ -40,11 +40,13 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
     from tqdm import tqdm
 
     from lorakit.models import check_vocab_rows, load_tokenizer, resolve_adapter_dir, resolve_model_dir
+    from lorakit.models.quantize import refuse_quantized_merge_base
 
     start = time.perf_counter()
     out = Path(output_dir).expanduser()
     check_output_dir(out, overwrite)  # fail before any work
     base_dir = resolve_model_dir(base_model)
+    refuse_quantized_merge_base(base_dir)  # a bitsandbytes checkpoint: merge into the original weights
     if output_type == "pth":
         from lorakit.models.families import require_meta_pth
 

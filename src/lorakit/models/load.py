@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from lorakit.errors import MismatchError, ModelNotFoundError
 from lorakit.models.adapter_check import check_adapters_fit_base
+from lorakit.models.quantize import Quantization, is_quantized, load_quantized, merge_allowed
 from lorakit.models.resolve import resolve_adapter_dir, resolve_model_dir
 from lorakit.models.validate import validate_tokenizer
 
@@ -133,8 +134,9 @@ def resize_embeddings(model: PreTrainedModel, new_rows: int) -> None:
 
 
 def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | str | None = None,
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """Load a causal LM from an alias, .gguf or HF folder (resolved through `resolve_model_dir`)."""
+               attn_implementation: str = "sdpa", quantization: Quantization | None = None) -> PreTrainedModel:
+    """Load a causal LM from an alias, .gguf or HF folder (resolved through `resolve_model_dir`);
+    with `quantization` (QuantizationOptions asking for 8bit/4bit) through models/quantize.py."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,6 +145,8 @@ def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | str | Non
         from lorakit.precision import torch_dtype
 
         dtype = torch_dtype(dtype)
+    if is_quantized(quantization):
+        return load_quantized(folder, quantization, dtype or torch.float32, attn_implementation)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
                                                 attn_implementation=attn_implementation)
 
@@ -199,18 +203,20 @@ def adapter_tokenizer_dir(adapter_dirs: Sequence[str | os.PathLike[str]]) -> Pat
 
 def load_model_and_tokenizer(base_model: str, tokenizer: str | None = None, adapters: Sequence[str] = (),
                              dtype: torch.dtype | str | None = None, merge: bool = False,
-                             names: Sequence[str] | None = None):
+                             names: Sequence[str] | None = None, quantization: Quantization | None = None):
     """Everything a verb needs to run a model: (model, tokenizer), vocabularies checked.
 
     The tokenizer is `tokenizer` if given, else the last adapter's own (if it ships one), else the
-    base model's; extended-vocabulary adapters resize the embeddings before loading.
+    base model's; extended-vocabulary adapters resize the embeddings before loading. On a quantized
+    base (`quantization`) adapters are never merged into the weights (see quantize.merge_allowed).
     """
     adapter_dirs = [resolve_adapter_dir(a) for a in adapters]
     check_adapters_fit_base(adapter_dirs, resolve_model_dir(base_model))  # headers only, before any loading
     tok = load_tokenizer(resolve_model_dir(base_model), tokenizer or adapter_tokenizer_dir(adapter_dirs),
                          add_pad_token=False)
     pad_added = ensure_pad_token(tok)
-    model = load_model(base_model, dtype)
+    model = load_model(base_model, dtype, quantization=quantization)
+    merge = merge_allowed(quantization, merge, len(adapter_dirs))
     model = attach_adapters(model, adapter_dirs, names=names, merge=merge)
     check_vocab(tok, model, allow_resize=pad_added)
     return model, tok

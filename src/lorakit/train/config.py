@@ -7,7 +7,8 @@ from typing import Literal
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision, PromptDataOptions, adapter_option
+from lorakit.models.quantize import validate_quantization
+from lorakit.options import ModelOptions, Precision, PromptDataOptions, QuantizationOptions, adapter_option
 from lorakit.train.distributed_config import DistributedOptions
 
 
@@ -51,6 +52,8 @@ class TrainOptions(DistributedOptions):
     resume_from_checkpoint: str | None = opt(None, "a trainer checkpoint folder (exact resume), 'last' (the newest "
                                                    "in --output-dir), or an adapter folder (weights only)")
     seed: int = opt(42, "random seed (data order, LoRA init, dropout)")
+    gradient_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass instead of "
+                                              "keeping them (less activation memory, slower steps)")
     report_to: Literal["none", "tensorboard", "wandb"] = opt("none", "where to send training metrics")
     logging_steps: int = opt(10, "log every N optimizer steps")
     save_steps: int = opt(200, "save a checkpoint every N steps")
@@ -75,17 +78,18 @@ class TrainOptions(DistributedOptions):
 
 
 @dataclass
-class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, ModelOptions):
+class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, QuantizationOptions, ModelOptions):
     """Everything `lorakit finetune` needs; every field is a flag and a YAML key."""
 
     def validate(self) -> None:
         self.validate_data()
         self.validate_train()
         self.validate_lora()
+        validate_quantization(self, self.nproc)
 
 
 @dataclass
-class EvalConfig(PromptDataOptions, ModelOptions):
+class EvalConfig(PromptDataOptions, QuantizationOptions, ModelOptions):
     """Options of `lorakit eval`."""
 
     lora_weights: list[str] = adapter_option("adapter folder(s) to apply, in order")
@@ -97,6 +101,7 @@ class EvalConfig(PromptDataOptions, ModelOptions):
 
     def validate(self) -> None:
         self.validate_data()
+        validate_quantization(self)
 
 
 def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, n_processes: int) -> int:

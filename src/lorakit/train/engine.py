@@ -39,6 +39,7 @@ from lorakit.train.distributed import across_processes, ddp_skip_frozen, is_main
 from lorakit.train.fsdp import fsdp_arguments
 from lorakit.train.lora_layers import speed_up_lora
 from lorakit.train.loss import install_training_loss
+from lorakit.train.memory import prepare_base
 from lorakit.train.packed_attention import NAME as PACKED_ATTENTION
 from lorakit.train.packed_attention import use_packed_attention
 from lorakit.train.saving import ADAPTER_FILE, load_adapter_weights, save_final
@@ -132,6 +133,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     out.mkdir(parents=True, exist_ok=True)
 
     model.config.use_cache = False  # required for correct per-example attention in packed rows
+    model = prepare_base(model, cfg, world_size())  # quantized base, gradient checkpointing (memory.py)
     install_training_loss(model)  # the same loss, fused with the lm_head: no [tokens x vocab] logits
     swap_rmsnorms(model)  # the same norms with a one-expression backward
     if cfg.padding_free and collator is None and use_packed_attention(model):

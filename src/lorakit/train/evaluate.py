@@ -70,7 +70,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     precision = resolve_precision(cfg.precision)
     examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)  # data problems before loading
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,
-                                                dtype=precision, merge=True)
+                                                dtype=precision, merge=True, quantization=cfg)
     prompter = get_prompter(cfg.prompt_template, tokenizer)
     if cfg.limit:
         examples = examples[: cfg.limit]

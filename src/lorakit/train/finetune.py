@@ -51,7 +51,7 @@ def finetune(cfg: FinetuneConfig) -> TrainSummary:
     train_set, val_set = split_validation(features, cfg.val_set_size, cfg.seed)
     log.info("%d training / %d validation examples, template %r", len(train_set), len(val_set), prompter.name)
 
-    model = load_model(model_dir, weights_dtype(precision))
+    model = load_model(model_dir, weights_dtype(precision), quantization=cfg)
     check_vocab(tokenizer, model, allow_resize=pad_added)
     if pad_added:  # a new <pad> row must be trained and saved with the adapter
         for name in ("embed_tokens", "lm_head"):

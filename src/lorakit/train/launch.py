@@ -127,6 +127,9 @@ def resolve_nproc(cfg: Any) -> int:
     if getattr(cfg, "nnodes", 1) > 1:  # every machine must start the same number: auto could differ between them
         log.info("--nproc auto: 1 process on this machine (--nnodes %d: give --nproc N for more)", cfg.nnodes)
         return 1
+    if getattr(cfg, "quantization", "none") != "none":
+        log.info("--nproc auto: 1 process (a quantized base trains in one process)")
+        return 1
     import torch
 
     from lorakit.formats.safetensors_io import param_count

@@ -114,7 +114,7 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d", tokens.meta["documents"],
              len(tokens), len(train_set), len(val_set) if val_set else 0, cfg.block_size)
 
-    model = load_model(model_dir, weights_dtype(precision))
+    model = load_model(model_dir, weights_dtype(precision), quantization=cfg)
     rows = model.get_input_embeddings().weight.shape[0]
     check_vocab(tokenizer, model, allow_resize=True)  # grows the embeddings (mean init) for a larger tokenizer
     if len(tokenizer) > rows:

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions
+from lorakit.models.quantize import validate_quantization
+from lorakit.options import ModelOptions, QuantizationOptions
 from lorakit.train.config import LoraOptions, TrainOptions
 
 
 @dataclass
-class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
+class PretrainConfig(ModelOptions, QuantizationOptions, LoraOptions, TrainOptions):
     """Everything `lorakit pretrain` needs; every field is a flag and a YAML key."""
 
     data_path: str = opt("", "raw text: .txt (one document per non-empty line), .jsonl with `text`, or a folder "
@@ -35,3 +36,4 @@ class PretrainConfig(ModelOptions, LoraOptions, TrainOptions):
         if self.val_set_size < 0:
             raise ConfigError("--val-set-size must be >= 0")
         self.validate_train()
+        validate_quantization(self, self.nproc)

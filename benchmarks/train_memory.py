@@ -1,0 +1,348 @@
+"""Memory of a LoRA training step on a full-precision, 8-bit and 4-bit (QLoRA) base, with and without
+gradient checkpointing, side by side in one run; plus a projection to 13B and 70B.
+
+    .venv/bin/python benchmarks/train_memory.py --shape 1b                  # quick: TinyLlama's shape
+    .venv/bin/python benchmarks/train_memory.py --shape 7b --configs 4bit   # LLaMA-2-7B's shape
+
+A random LLaMA of the chosen shape is written as bf16 safetensors shards (7b: ~4 GB each) tensor by
+tensor through lorakit's streaming shard writer, so the benchmark itself never holds the model. Each
+configuration then runs in its own subprocess, exactly as `lorakit finetune` prepares the model
+(lorakit.models.load_model with --quantization, train/memory.prepare_base, the fused lm_head loss,
+RMSNorm, LoRA r 8 on q_proj/v_proj with fp32 weights and AdamW), and takes --steps optimizer steps of one
+row of --seq tokens under bf16 autocast. Reported per configuration: peak RSS of the whole process
+(ru_maxrss; peak CUDA memory where a GPU exists), peak RSS when loading finished, the weights' size
+(model.get_memory_footprint), load time, seconds per step and the loss of the first step.
+
+The projection: weights (bf16: 2 bytes/parameter; 8-bit: 1 byte per decoder-linear parameter + fp32 row
+scales; 4-bit NF4 with double quantization: 0.5 + 0.0158 bytes; PEFT's k-bit preparation keeps the
+embeddings, norms and lm_head in fp32), LoRA (16 bytes a parameter: fp32 weight, gradient, two AdamW
+moments), activations (per token and layer, fitted on this run's measurements: with and without
+checkpointing) and a fixed runtime. The fitted formula is printed next to the measured peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> hidden, layers, intermediate, heads, kv heads, vocab
+SHAPES = {
+    "1b": (2048, 22, 5632, 32, 4, 32000),     # TinyLlama-1.1B
+    "3b": (3200, 26, 8640, 32, 32, 32000),    # OpenLLaMA-3B
+    "7b": (4096, 32, 11008, 32, 32, 32000),   # LLaMA-2-7B
+    "13b": (5120, 40, 13824, 40, 40, 32000),  # LLaMA-2-13B
+    "70b": (8192, 80, 28672, 64, 8, 32000),   # LLaMA-2-70B
+}
+CONFIGS = ("none", "8bit", "4bit")
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_R = 8
+
+
+def tensor_shapes(shape: str) -> dict[str, list[int]]:
+    hidden, layers, inter, heads, kv_heads, vocab = SHAPES[shape]
+    kv = hidden // heads * kv_heads
+    out = {"model.embed_tokens.weight": [vocab, hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": [hidden], p + "self_attn.q_proj.weight": [hidden, hidden],
+                    p + "self_attn.k_proj.weight": [kv, hidden], p + "self_attn.v_proj.weight": [kv, hidden],
+                    p + "self_attn.o_proj.weight": [hidden, hidden], p + "post_attention_layernorm.weight": [hidden],
+                    p + "mlp.gate_proj.weight": [inter, hidden], p + "mlp.up_proj.weight": [inter, hidden],
+                    p + "mlp.down_proj.weight": [hidden, inter]})
+    out["model.norm.weight"] = [hidden]
+    out["lm_head.weight"] = [vocab, hidden]
+    return out
+
+
+def write_model(folder: Path, shape: str, shard_gb: float) -> int:
+    """A random bf16 LLaMA of `shape`, one tensor in memory at a time; returns its bytes."""
+    import torch
+
+    from lorakit.merge.safetensors_io import PlannedTensor, StreamingShardWriter
+
+    hidden, layers, inter, heads, kv_heads, vocab = SHAPES[shape]
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False, "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+              "hidden_act": "silu"}
+    plan = [PlannedTensor(n, "BF16", s) for n, s in tensor_shapes(shape).items()]
+    writer = StreamingShardWriter(folder, plan, int(shard_gb * 2**30))
+    g = torch.Generator().manual_seed(0)
+    try:
+        for t in plan:
+            if len(t.shape) == 1:
+                tensor = torch.ones(t.shape, dtype=torch.bfloat16)
+            else:  # std 0.02 as LLaMA initialises; drawn in row blocks to keep the fp32 scratch small
+                tensor = torch.empty(t.shape, dtype=torch.bfloat16)
+                for start in range(0, t.shape[0], 1024):
+                    block = tensor[start:start + 1024]
+                    block.copy_(torch.randn(block.shape, generator=g).mul_(0.02))
+            writer.write(t.name, tensor)
+            del tensor
+        writer.finish()
+    finally:
+        writer.close()
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return sum(t.nbytes for t in plan)
+
+
+@dataclass
+class Result:
+    config: str
+    checkpointing: bool
+    load_s: float
+    load_peak_mb: float  # peak RSS when loading (and k-bit preparation) finished
+    weights_mb: float  # model.get_memory_footprint()
+    peak_mb: float  # peak RSS of the whole run
+    step_s: float  # seconds per optimizer step (mean of the steps after the first when there are several)
+    loss: float  # loss of the first step (same data and LoRA init in every configuration)
+    peak_gpu_mb: float | None = None
+    shape: str = ""
+    seq: int = 0
+    runtime_mb: float = 0.0  # RSS after the imports, before loading the model (0: not measured)
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One configuration, in this (fresh) process; prints a Result as JSON on the last line."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.models import load_model
+    from lorakit.models.rmsnorm import swap_rmsnorms
+    from lorakit.train.lora_layers import speed_up_lora
+    from lorakit.train.loss import install_training_loss
+    from lorakit.train.memory import prepare_base
+
+    opts = argparse.Namespace(quantization=args.config, bnb_4bit_quant_type="nf4", bnb_4bit_double_quant=True,
+                              gradient_checkpointing=args.checkpointing)
+    runtime = rss_now_mb()
+    start = time.perf_counter()
+    model = load_model(args.model_dir, torch.bfloat16, quantization=opts)
+    model.config.use_cache = False
+    model = prepare_base(model, opts)
+    load_s, load_peak = time.perf_counter() - start, rss_peak_mb()
+    weights = model.get_memory_footprint() / 2**20
+    install_training_loss(model)
+    swap_rmsnorms(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    speed_up_lora(model, "bf16")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 32000, (1, args.seq), generator=torch.Generator().manual_seed(1))
+    times, losses = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    step_s = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    result = Result(args.config, args.checkpointing, load_s, load_peak, weights, rss_peak_mb(), step_s, losses[0],
+                    gpu, args.shape, args.seq, runtime)
+    print(json.dumps(asdict(result)))
+
+
+def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int) -> Result | str:
+    cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir), "--config", config, "--seq", str(seq),
+           "--steps", str(steps), "--ckpt", str(int(checkpointing)), "--shape", shape]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "LORAKIT_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# ---- projection --------------------------------------------------------------------------------------
+def parameter_groups(shape: str) -> tuple[int, int, int]:
+    """(decoder-linear parameters, other parameters, LoRA parameters) of `shape`."""
+    hidden, layers, inter, heads, kv_heads, vocab = SHAPES[shape]
+    kv = hidden // heads * kv_heads
+    linear = layers * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * inter)
+    other = 2 * vocab * hidden + (2 * layers + 1) * hidden
+    lora = layers * LORA_R * ((hidden + hidden) + (hidden + kv))  # q_proj and v_proj
+    return linear, other, lora
+
+
+def weight_bytes(shape: str, config: str) -> float:
+    linear, other, _ = parameter_groups(shape)
+    hidden, layers, inter, heads, kv_heads, _ = SHAPES[shape]
+    if config == "none":
+        return 2.0 * (linear + other)
+    rows = layers * (3 * hidden + 2 * hidden // heads * kv_heads + 2 * inter)  # output rows of the linears
+    per_linear = 1.0 if config == "8bit" else 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + 8-bit absmax + fp32 2nd level
+    scales = 4.0 * rows if config == "8bit" else 0.0
+    return per_linear * linear + scales + 4.0 * other  # embeddings, norms, lm_head upcast to fp32 by PEFT
+
+
+@dataclass
+class Fit:
+    runtime: float  # bytes of the process before the model loads (Python, torch, transformers, bitsandbytes)
+    per_token_layer: dict[tuple[bool, bool], float]  # (quantized, checkpointing) -> bytes per token and layer
+
+
+def fit(results: list[Result]) -> Fit:
+    """The measured runtime, and what is left of each peak after weights, LoRA state and runtime, per token and
+    layer, averaged per (quantized, checkpointing): on a quantized base PEFT keeps the residual stream in fp32
+    (its embeddings are upcast), so its activations are not those of the bf16 run."""
+    runtimes = [r.runtime_mb for r in results if r.runtime_mb] or \
+        [r.load_peak_mb for r in results if r.config == "none"]  # mmapped weights untouched at that point
+    runtime = sum(runtimes) / len(runtimes) * 2**20
+    groups: dict[tuple[bool, bool], list[float]] = {}
+    for r in results:
+        _, layers, *_ = SHAPES[r.shape]
+        rest = r.peak_mb * 2**20 - weight_bytes(r.shape, r.config) - 16.0 * parameter_groups(r.shape)[2] - runtime
+        groups.setdefault((r.config != "none", r.checkpointing), []).append(rest / (r.seq * layers))
+    return Fit(runtime, {k: sum(v) / len(v) for k, v in groups.items()})
+
+
+def project(shape: str, config: str, checkpointing: bool, seq: int, f: Fit) -> float | None:
+    key = (config != "none", checkpointing)
+    if key not in f.per_token_layer:
+        return None
+    _, layers, *_ = SHAPES[shape]
+    act = f.per_token_layer[key] * seq * layers
+    return weight_bytes(shape, config) + 16.0 * parameter_groups(shape)[2] + act + f.runtime
+
+
+def gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.1f} GB"
+
+
+def report(results: list, shape: str, seq: int, model_gb: float) -> None:
+    print(f"\nshape {shape} ({model_gb:.1f} GB bf16 on disk), LoRA r {LORA_R} on {'/'.join(LORA_TARGETS)}, "
+          f"sequence {seq}, bf16 compute, {os.cpu_count()} CPU threads")
+    ok = [r for r in results if isinstance(r, Result)]
+    base = next((r.peak_mb for r in ok if r.config == "none" and not r.checkpointing), None)
+    print("| base | grad. ckpt | peak RSS | vs bf16 | peak at load | weights | load s | s/step | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if not isinstance(r, Result):
+            print(f"| {r[0]} | {'yes' if r[1] else 'no'} | failed: {r[2]} |")
+            continue
+        rel = f"{100 * r.peak_mb / base:.0f}%" if base else "-"
+        print(f"| {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
+              f"{r.load_peak_mb / 1024:.2f} GB | {r.weights_mb / 1024:.2f} GB | {r.load_s:.1f} | {r.step_s:.1f} | "
+              f"{r.loss:.4f} |")
+
+
+def report_projection(fitted: list[Result], checks: list[Result]) -> None:
+    """The formula fitted on `fitted`, shown against every measurement (`checks`: other shapes, not fitted)."""
+    f = fit(fitted)
+    acts = ", ".join(f"{'quantized' if q else 'bf16'}{' +ckpt' if c else ''} {v / 1024:.0f} KB"
+                     for (q, c), v in sorted(f.per_token_layer.items()))
+    print(f"\nformula fitted on {fitted[0].shape}: runtime {f.runtime / 2**30:.2f} GB (measured before loading); "
+          f"activations per token and layer: {acts}")
+    print("| shape | base | grad. ckpt | measured peak | formula | fitted on it |")
+    print("|---|---|---|---|---|---|")
+    for r in [*fitted, *checks]:
+        print(f"| {r.shape} | {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | "
+              f"{gb(project(r.shape, r.config, r.checkpointing, r.seq, f))} | {'yes' if r in fitted else 'no'} |")
+    seq = fitted[0].seq
+    print(f"\nprojection (sequence {seq}; weights + LoRA state + activations + runtime):")
+    print("| shape | " + " | ".join(f"{c}{' +ckpt' if ck else ''}" for c in CONFIGS for ck in (False, True)) + " |")
+    print("|---|" + "---|" * 6)
+    for s in ("7b", "13b", "70b"):
+        cells = [gb(project(s, c, ck, seq, f)) for c in CONFIGS for ck in (False, True)]
+        print(f"| {s} | " + " | ".join(cells) + " |")
+
+
+def load_results(paths: list[str]) -> list[Result]:
+    return [Result(**row) for p in paths for row in json.loads(Path(p).read_text())]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="7b")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of none,8bit,4bit")
+    p.add_argument("--checkpointing", choices=["both", "on", "off"], default="both")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--shard-gb", type=float, default=None, help="shard size (default: 4 for 7b and up, else 1)")
+    p.add_argument("--model-dir", help="reuse (or keep) the random model in this folder")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--results-out", help="also write the measurements to this JSON file")
+    p.add_argument("--from-results", nargs="+", metavar="JSON", help="report saved measurements instead of running: "
+                   "the formula is fitted on the first file and checked against the others")
+    p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.checkpointing = bool(args.ckpt)
+        worker(args)
+        return
+    if args.from_results:
+        fitted = load_results(args.from_results[:1])
+        for path in args.from_results:
+            rows = load_results([path])
+            report(rows, rows[0].shape, rows[0].seq, 2 * sum(parameter_groups(rows[0].shape)[:2]) / 2**30)
+        report_projection(fitted, load_results(args.from_results[1:]))
+        return
+    sys.path.insert(0, str(ROOT / "src"))
+    tmp = None
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="train-memory-"))
+        model_dir = tmp / args.shape
+    try:
+        if not (model_dir / "config.json").is_file():
+            t0 = time.perf_counter()
+            shard_gb = args.shard_gb or (4.0 if args.shape in ("7b", "13b", "70b") else 1.0)
+            size = write_model(model_dir, args.shape, shard_gb)
+            print(f"wrote a random {args.shape} model ({size / 2**30:.1f} GB) in {time.perf_counter() - t0:.0f} s, "
+                  f"peak RSS of this process {rss_peak_mb():.0f} MB", flush=True)
+        size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        checkpointing = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+        results: list = []
+        for config in args.configs.split(","):
+            for ck in checkpointing:
+                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps)
+                results.append(r if isinstance(r, Result) else (config, ck, r))
+                print(f"  {config} ckpt={ck}: {r}", flush=True)
+        report(results, args.shape, args.seq, size / 2**30)
+        ok = [r for r in results if isinstance(r, Result)]
+        if args.results_out:
+            Path(args.results_out).write_text(json.dumps([asdict(r) for r in ok], indent=1))
+        if len({(r.config != "none", r.checkpointing) for r in ok}) == 4:
+            report_projection(ok, [])
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
