@@ -61,6 +61,7 @@ def make_tiny_adapter(model_dir: Path, path: Path, *, r: int = 4, targets: tuple
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     peft_model.save_pretrained(path)
+    return path
 
 
 # --------------------------------------------------------------------------- one tiny model per family

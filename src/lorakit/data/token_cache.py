@@ -122,6 +122,7 @@ def build(folder: Path, files: list[Path], tokenizer: Any, inputs: dict[str, Any
     """Tokenize `files` into the cache entry `folder` (written beside it, then renamed into place)."""
     from tqdm import tqdm
 
+    made = [d for d in (folder.parent, *folder.parent.parents) if not d.exists()]  # removed again on failure
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -160,6 +161,9 @@ def build(folder: Path, files: list[Path], tokenizer: Any, inputs: dict[str, Any
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # innermost first: a failed first run leaves no empty cache folders behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def load_or_build(data_path: str, tokenizer: Any, tokenizer_source: Path, cache_dir: Path, workers: int,
