@@ -21,8 +21,10 @@ class ExportResult:
 
 
 def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16", verify: bool = True,
-                 overwrite: bool = False) -> ExportResult:
-    """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically."""
+                 overwrite: bool = False, imatrix: str | Path | None = None) -> ExportResult:
+    """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically.
+    Quantized GGUF types (see export/quantize.py) are made by llama.cpp and verified through it."""
+    from lorakit.export.quantize import is_quant_type
     from lorakit.merge.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
     from lorakit.models import resolve_model_dir
 
@@ -30,7 +32,14 @@ def export_model(model: str, fmt: str, output: str | Path, outtype: str = "f16",
     src = resolve_model_dir(model)
     out = Path(output).expanduser()
     result = ExportResult(out, 0.0)
-    if fmt == "gguf":
+    if fmt == "gguf" and is_quant_type(outtype):
+        from lorakit.export.quantize import verify_quantized, write_quantized
+
+        with atomic_file(out, overwrite) as tmp:
+            write_quantized(src, tmp, outtype, Path(imatrix) if imatrix else None)
+            if verify:
+                result.verify = verify_quantized(src, tmp, outtype)
+    elif fmt == "gguf":
         from lorakit.export.gguf_writer import write_gguf
 
         with atomic_file(out, overwrite) as tmp:
@@ -94,9 +103,54 @@ def verify_pth(src: Path, folder: Path, outtype: str) -> VerifyResult | None:
                       written=lambda dtype: load_pth_model(folder, getattr(torch, dtype)))
 
 
+def export_lora(adapter: str, base_model: str, output: str | Path, outtype: str = "f32", verify: bool = True,
+                overwrite: bool = False) -> ExportResult:
+    """Write a PEFT adapter as a GGUF LoRA (see gguf_lora.py); verified by llama.cpp applying it to an f32
+    GGUF of the base, against PEFT applying it to the HF base."""
+    from lorakit.export.gguf_lora import write_gguf_lora
+    from lorakit.merge.output import atomic_file
+    from lorakit.models import resolve_adapter_dir, resolve_model_dir
+
+    start = time.perf_counter()
+    adapter_dir, base_dir = resolve_adapter_dir(adapter), resolve_model_dir(base_model)
+    out = Path(output).expanduser()
+    result = ExportResult(out, 0.0)
+    with atomic_file(out, overwrite) as tmp:
+        summary = write_gguf_lora(adapter_dir, base_dir, tmp, outtype)
+        log.info("GGUF LoRA: %d adapted weights, r=%d, alpha=%g%s", summary.tensors, summary.rank, summary.alpha,
+                 f" ({summary.rescaled} rescaled into B)" if summary.rescaled else "")
+        if verify:
+            result.verify = verify_gguf_lora(base_dir, adapter_dir, tmp, outtype)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def verify_gguf_lora(base_dir: Path, adapter_dir: Path, lora_gguf: Path, outtype: str) -> VerifyResult | None:
+    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32."""
+    from lorakit.export.gguf_cache import cached_model_gguf
+    from lorakit.export.llamacpp_verify import verify_with_llamacpp
+    from lorakit.export.verify import merged_in_memory
+    from lorakit.merge.safetensors_io import param_count
+
+    base_gguf = cached_model_gguf(base_dir, "f32")
+    return verify_with_llamacpp(f"GGUF LoRA {outtype}", param_count(base_dir), _vocab_rows(base_dir), base_gguf,
+                                outtype, reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
+                                                                                  dtype),
+                                adapters={"adapter": lora_gguf})
+
+
 def run_export(cfg: ExportConfig) -> int:
-    result = export_model(cfg.model, cfg.format, cfg.output, cfg.outtype, cfg.verify, cfg.overwrite)
-    print(f"exported {cfg.model} -> {result.output} ({cfg.format}, {cfg.outtype}) in {result.seconds:.1f}s")
+    if cfg.format == "gguf-lora":
+        result = export_lora(cfg.adapter, cfg.base_model, cfg.output, cfg.outtype, cfg.verify, cfg.overwrite)
+        what = cfg.adapter
+    else:
+        result = export_model(cfg.model, cfg.format, cfg.output, cfg.outtype, cfg.verify, cfg.overwrite, cfg.imatrix)
+        what = cfg.model
+    print(f"exported {what} -> {result.output} ({cfg.format}, {cfg.outtype}) in {result.seconds:.1f}s")
+    if cfg.ollama:
+        from lorakit.export.ollama import write_modelfile_for
+
+        print(f"Ollama Modelfile: {write_modelfile_for(cfg, result.output)}")
     if result.verify is not None:
         print(f"verify: {result.verify.summary()}")
     elif cfg.verify:

@@ -84,7 +84,9 @@ def interactive(engine: Engine, params: GenerationParams, stream: bool, out: Tex
 
 def run_generate(cfg: GenerateConfig) -> int:
     params = cfg.generation_params()
-    engine = Engine.load(cfg)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
     try:
         if cfg.instruction is None:
             interactive(engine, params, cfg.stream)

@@ -6,10 +6,14 @@ No torch import here: these dataclasses build the CLI flags.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
+from lorakit.export.config import GGUF_TYPES
 from lorakit.options import ModelOptions, Precision
+
+ENGINE_GGUF_TYPES = ("auto", *GGUF_TYPES)
 
 
 @dataclass
@@ -24,6 +28,11 @@ class EngineOptions(ModelOptions):
                                        "fp32; fp32 gives the exact full-precision logits")
     merge: bool = opt(True, "merge the adapters into the weights in memory (faster); --no-merge keeps "
                             "them separate")
+    backend: Literal["auto", "torch", "llamacpp"] = opt(
+        "auto", "torch (transformers + PEFT) or llamacpp (GGUF files made and cached by lorakit, adapters applied "
+                "by llama.cpp); auto: torch for adapters that train embeddings or on a GPU, else llamacpp")
+    gguf_type: Literal[ENGINE_GGUF_TYPES] = opt("auto", "--backend llamacpp: GGUF weight type of the base (auto: "
+                                                        "from --precision; e.g. q8_0 or q4_k_m for speed)")
 
     def adapter_specs(self) -> list[tuple[str, str]]:
         """[(name, path)] from `--lora-weights` (NAME=PATH or PATH, named after the folder)."""

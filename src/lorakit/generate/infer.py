@@ -16,7 +16,6 @@ from typing import Any
 from lorakit.data.readers import iter_records, parse_record
 from lorakit.errors import DataError, LorakitError
 from lorakit.generate.config import InferConfig
-from lorakit.generate.runner import Engine
 
 log = logging.getLogger("lorakit")
 
@@ -106,7 +105,9 @@ def run_infer(cfg: InferConfig) -> int:
         return 0
     if done:
         print(f"resuming: {done} of {len(items)} records already in {output}")
-    engine = Engine.load(cfg)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
     todo = items[done:]
     prompts = [engine.chat_ids(src["messages"]) if "messages" in src
                else engine.instruction_ids(src["instruction"], src["input"]) for _, src in todo]

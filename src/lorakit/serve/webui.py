@@ -123,7 +123,9 @@ def _text(content: Any) -> str:
 
 
 def run_webui(cfg: WebuiConfig) -> int:
-    engine = Engine.load(cfg)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
     demo = build_demo(engine, cfg.generation_params())
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the web page is reachable from other machines at %s:%d", cfg.host, cfg.port)

@@ -64,6 +64,10 @@ def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
+    if cfg.backend == "llamacpp":
+        from lorakit.train.evaluate_llamacpp import evaluate_llamacpp
+
+        return evaluate_llamacpp(cfg)
     precision = resolve_precision(cfg.precision)
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,
                                                 dtype=precision, merge=True)
