@@ -120,8 +120,8 @@ def backend_table(args, make_adapter) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_adapter(model_dir, Path(tmp) / "adapter", args.targets)
         for column in COLUMNS:
-            run = subprocess.run([sys.executable, str(Path(__file__).with_name("generate_speed.py")), "--column", column,
-                                  "--adapter", str(adapter), "--base-model", args.base_model, "--tokens",
+            script = str(Path(__file__).with_name("generate_speed.py"))
+            run = subprocess.run([sys.executable, script, "--column", column, "--adapter", str(adapter), "--base-model", args.base_model, "--tokens",
                                   str(args.tokens), "--repeats", str(args.repeats)], capture_output=True, text=True)
             line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
             if run.returncode or not line:

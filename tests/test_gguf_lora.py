@@ -60,7 +60,7 @@ def test_adapter_gguf_on_base_gguf_matches_peft(bases, tmp_path):
     # independently of --verify: llama.cpp (base f32 GGUF + adapter) vs PEFT's forward, and vs the base alone
     base_gguf = tmp_path / "base.gguf"
     export_model(str(base), "gguf", base_gguf, "f32", verify=False)
-    ids = probe_ids(32000)
+    ids = probe_ids(16000)
     ref = logits_of(merged_in_memory(str(base), [str(adapter)]), ids)
     got = llamacpp_logits(base_gguf, ids, {"a": out})
     without = llamacpp_logits(base_gguf, ids)

@@ -100,6 +100,8 @@ def lora_tensors(adapter_dir: Path, base_config: dict[str, Any], base_has_output
     alpha = float(cfg.get("lora_alpha") or cfg.get("r") or 8)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in _load_adapter_tensors(adapter_dir).items():
+        if key.endswith(".base_layer.weight"):
+            continue  # PEFT saves the (untrained) base of an adapted lm_head/embedding alongside; not needed
         m = _KEY.match(key)
         if not m:
             raise AdapterNotConvertibleError(f"{adapter_dir}: tensor {key} is not a LoRA A/B matrix (embedding LoRA, "

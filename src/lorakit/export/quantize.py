@@ -54,11 +54,9 @@ def is_quant_type(name: str) -> bool:
 
 
 def _llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise ConfigError(f"quantized GGUF types need llama-cpp-python (pip install llama-cpp-python): {e}") from None
-    return llama_cpp
+    from lorakit.models.llamacpp import llama_cpp_module
+
+    return llama_cpp_module()
 
 
 def intermediate_dtype(model_dir: Path) -> str:
@@ -124,7 +122,6 @@ def quantize_gguf(src: Path, out: Path, qtype: str, imatrix: Path | None = None,
         params.imatrix = entries
         keep.append(entries)
         log.info("quantizing with the importance matrix %s (%d tensors)", imatrix, len(data))
-    lc.llama_backend_init()
     code = lc.llama_model_quantize(os.fsencode(src), os.fsencode(out), ctypes.byref(params))
     if code != 0:
         raise LorakitError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {code})")
