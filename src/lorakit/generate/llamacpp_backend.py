@@ -177,10 +177,27 @@ class LlamaCppEngine(Engine):
             raise
 
     def _worker(self) -> None:
+        pending: list[Request] = []
+        try:
+            self._loop(pending)
+        except BaseException as e:  # noqa: BLE001 - a broken worker must not leave clients waiting forever
+            log.exception("the llama.cpp worker stopped")
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pending.append(item)
+            for r in pending:
+                if not r.finished.is_set():
+                    r.error = e
+                    r._finish()
+
+    def _loop(self, pending: list[Request]) -> None:
         """Continuous batching: arrivals join the running batch between steps; adapters take turns."""
         batch = LlamaCppBatch(self.runner, self.tokenizer, self.shim, lambda r: r._finish())
         adapter: str | None = None
-        pending: list[Request] = []
         while True:
             if not batch and not pending:
                 first = self._queue.get()

@@ -60,6 +60,7 @@ class LlamaCppModel:
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
         self.n_batch = n_batch
+        self.n_seq = max(1, n_seq)
         threads = n_threads or usable_cores()
         cparams = lc.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_batch
