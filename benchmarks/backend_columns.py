@@ -121,8 +121,9 @@ def backend_table(args, make_adapter) -> None:
         adapter = make_adapter(model_dir, Path(tmp) / "adapter", args.targets)
         for column in COLUMNS:
             script = str(Path(__file__).with_name("generate_speed.py"))
-            run = subprocess.run([sys.executable, script, "--column", column, "--adapter", str(adapter), "--base-model", args.base_model, "--tokens",
-                                  str(args.tokens), "--repeats", str(args.repeats)], capture_output=True, text=True)
+            run = subprocess.run([sys.executable, script, "--column", column, "--adapter", str(adapter),
+                                  "--base-model", args.base_model, "--tokens", str(args.tokens),
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True)
             line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
             if run.returncode or not line:
                 print(f"{column}: failed\n{run.stderr[-2000:]}")
@@ -137,4 +138,5 @@ def backend_table(args, make_adapter) -> None:
     for t in ("bf16", "q4_k_m"):
         ours, own = rows.get(f"llamacpp:{t}"), rows.get(f"llama.cpp own:{t}")
         if ours and own:
-            print(f"llamacpp {t} one stream = {ours['one'] / own['one']:.0%} of llama.cpp's own (target >= 90% for bf16)")
+            ratio = ours["one"] / own["one"]
+            print(f"llamacpp {t} one stream = {ratio:.0%} of llama.cpp's own (target >= 90% for bf16)")

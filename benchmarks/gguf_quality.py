@@ -44,10 +44,9 @@ def main() -> None:
 
     from lorakit.data import read_text_documents
     from lorakit.export.llamacpp_verify import verify_with_llamacpp
-    from lorakit.merge.safetensors_io import SafetensorsFolder, param_count
-    from lorakit.models import load_model
     from lorakit.export.run import export_model
-    from lorakit.models import load_tokenizer, resolve_model_dir
+    from lorakit.merge.safetensors_io import SafetensorsFolder, param_count
+    from lorakit.models import load_model, load_tokenizer, resolve_model_dir
     from lorakit.train.evaluate_llamacpp import llamacpp_text_loss, text_windows
 
     model_dir = resolve_model_dir(args.base_model)

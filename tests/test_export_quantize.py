@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from lorakit.export.quantize import QUANT_TYPES
+from lorakit.export.quantize import LOGIT_TOLERANCE, QUANT_TYPES
 from lorakit.export.run import export_model
 from lorakit.export.verify import VerificationError
 from tiny_models import make_tiny_llama
@@ -37,7 +36,8 @@ def test_each_quantized_type_is_written_loads_in_llama_cpp_and_verifies(model256
     result = export_model(str(model256), "gguf", out, qtype)
     v = result.verify
     assert v is not None and 0 < v.max_abs_diff <= v.tolerance  # llama.cpp loaded it and computed logits
-    assert v.tolerance == pytest.approx(QUANT_TYPES[qtype].tolerance * max(v.max_abs_logit, 1.0))
+    assert v.tolerance == pytest.approx(LOGIT_TOLERANCE * max(v.max_abs_logit, 1.0))
+    assert 0 < v.weight_error <= QUANT_TYPES[qtype].tolerance  # the file's weights, dequantized by gguf-py
     types = _types(out)
     assert types["blk.0.attn_q.weight"] == MAIN_TYPE[qtype]
     assert types["blk.0.attn_norm.weight"] == "F32"
@@ -45,27 +45,14 @@ def test_each_quantized_type_is_written_loads_in_llama_cpp_and_verifies(model256
 
 
 def test_quantized_verification_is_not_vacuous(model256, tmp_path, monkeypatch):
-    """A q/k layout error is caught through llama.cpp too (q/k and lm_head scaled so that attention matters;
-    measured: relative error 0.09 as written, 0.94 with q/k left in HF order)."""
-    from safetensors.torch import load_file, save_file
-
+    """A GGUF with q/k left in HF order (a layout bug) is caught: its weights, read back, are not the source's
+    (relative error 1.39 measured, vs 0.09 for q4_0's rounding), and nothing is left behind."""
     import lorakit.export.gguf_writer as writer
 
-    sharp = tmp_path / "sharp"
-    shutil.copytree(model256, sharp)
-    weights = load_file(sharp / "model.safetensors")
-    for name in weights:
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            weights[name] *= 4
-        elif name == "lm_head.weight":
-            weights[name] *= 4
-    save_file(weights, sharp / "model.safetensors", metadata={"format": "pt"})
-    good = export_model(str(sharp), "gguf", tmp_path / "good.gguf", "q6_k")
-    assert good.verify.max_abs_diff <= good.verify.tolerance
     monkeypatch.setattr(writer, "hf_to_meta_rows", lambda w, heads: w)
-    with pytest.raises(VerificationError, match="FAILED"):
-        export_model(str(sharp), "gguf", tmp_path / "bad.gguf", "q6_k")
-    assert not (tmp_path / "bad.gguf").exists()
+    with pytest.raises(VerificationError, match="FAILED: weight model.layers.0.self_attn.q_proj.weight"):
+        export_model(str(model256), "gguf", tmp_path / "bad.gguf", "q4_0")
+    assert not list(tmp_path.iterdir())
 
 
 def _write_imatrix(path: Path, model_gguf: Path, seed: int = 0) -> None:

@@ -51,10 +51,8 @@ def gguf_for(base_model: str, adapters: Sequence[str]) -> tuple[Path, dict[str, 
         return given, {}, tok
     base_dir = resolve_model_dir(base_model)
     tok = load_tokenizer(base_dir, adapter_tokenizer_dir(dirs), add_pad_token=False)
-    if given.is_file() and given.suffix == ".gguf":
-        gguf = given  # adapters were trained on this GGUF's (dequantized) weights
-    else:
-        gguf = cached_model_gguf(base_dir, "f32")
+    # a .gguf base is used as it is (adapters were trained on its dequantized weights)
+    gguf = given if given.is_file() and given.suffix == ".gguf" else cached_model_gguf(base_dir, "f32")
     return gguf, {f"a{i}": cached_adapter_gguf(d, base_dir, "f32") for i, d in enumerate(dirs)}, tok
 
 
