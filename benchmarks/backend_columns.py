@@ -3,7 +3,8 @@
 Columns: torch (lorakit's torch engine, defaults), llamacpp with a bf16 / q8_0 / q4_k_m GGUF (lorakit's
 llama.cpp engine, adapter applied as a GGUF LoRA), and llama.cpp's own figure: a llama-cpp-python
 `Llama` object on the same GGUF files and thread count, decoding greedily with the adapter (one stream;
-a `Llama` object decodes one sequence). Figures: decode tokens/s of one stream (prefill subtracted),
+a `Llama` object decodes one sequence), and a raw loop: llama_decode + argmax through llama-cpp-python's
+low-level API with nothing of lorakit's engine around it (no queue, worker thread or detokenizing). Figures: decode tokens/s of one stream (prefill subtracted),
 first-token latency (prompt -> first token), aggregate tokens/s of 8 concurrent streams, peak RSS.
 """
 
@@ -18,7 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-COLUMNS = ["torch", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "llama.cpp own:bf16", "llama.cpp own:q4_k_m"]
+COLUMNS = ["torch", "llamacpp:bf16", "llamacpp:q8_0", "llamacpp:q4_k_m", "raw loop:bf16", "raw loop:q4_k_m",
+           "llama.cpp own:bf16"]
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -101,12 +103,47 @@ def _own_column(args, gguf_type: str) -> dict:
     return {"one": one, "ttft": ttft, "eight": None, "rss": _peak_rss_mb(), "threads": threads}
 
 
+def _raw_column(args, gguf_type: str) -> dict:
+    import numpy as np
+
+    from lorakit.export.gguf_cache import cached_adapter_gguf, cached_model_gguf
+    from lorakit.models import load_tokenizer, resolve_model_dir
+    from lorakit.models.llamacpp import LlamaCppModel
+    from lorakit.prompts import Prompter
+
+    base_dir = resolve_model_dir(args.base_model)
+    model = LlamaCppModel(cached_model_gguf(base_dir, gguf_type),
+                          {"a": cached_adapter_gguf(Path(args.adapter), base_dir, "f32")}, n_ctx=1024)
+    model.use_adapters(["a"])
+    ids = load_tokenizer(base_dir, add_pad_token=False)(Prompter("alpaca").generate_prompt(PROMPT))["input_ids"]
+
+    def run(k: int) -> tuple[float, float]:
+        model.forget(0)
+        t = time.perf_counter()
+        out = model.decode([(tok, i, 0, i == len(ids) - 1) for i, tok in enumerate(ids)])
+        nxt = int(np.argmax(model.logits(out[-1])))
+        first = time.perf_counter() - t
+        for j in range(k - 1):
+            out = model.decode([(nxt, len(ids) + j, 0, True)])
+            nxt = int(np.argmax(model.logits(out[0])))
+        return first, time.perf_counter() - t
+
+    run(2)
+    one, ttft = 0.0, float("inf")
+    for _ in range(args.repeats):
+        first, total = run(args.tokens)
+        one, ttft = max(one, (args.tokens - 1) / (total - first)), min(ttft, first)
+    return {"one": one, "ttft": ttft, "eight": None, "rss": _peak_rss_mb(), "threads": model.n_threads}
+
+
 def run_column(args) -> None:
     kind, _, gguf_type = args.column.partition(":")
     if kind == "torch":
         result = _engine_column(args, "torch", "auto")
     elif kind == "llamacpp":
         result = _engine_column(args, "llamacpp", gguf_type)
+    elif kind == "raw loop":
+        result = _raw_column(args, gguf_type)
     else:
         result = _own_column(args, gguf_type)
     print("RESULT " + json.dumps(result), flush=True)
@@ -136,7 +173,8 @@ def backend_table(args, make_adapter) -> None:
         eight = f"{r['eight']:.1f}" if r["eight"] is not None else "-"
         print(f"{column:22}{r['one']:>15.1f}{r['ttft'] * 1000:>16.0f}{eight:>17}{r['rss']:>13.0f}{r['threads']:>9}")
     for t in ("bf16", "q4_k_m"):
-        ours, own = rows.get(f"llamacpp:{t}"), rows.get(f"llama.cpp own:{t}")
-        if ours and own:
-            ratio = ours["one"] / own["one"]
-            print(f"llamacpp {t} one stream = {ratio:.0%} of llama.cpp's own (target >= 90% for bf16)")
+        for ref in ("llama.cpp own", "raw loop"):
+            ours, own = rows.get(f"llamacpp:{t}"), rows.get(f"{ref}:{t}")
+            if ours and own:
+                ratio = ours["one"] / own["one"]
+                print(f"llamacpp {t} one stream = {ratio:.0%} of the {ref} (target >= 90% for bf16)")
