@@ -4,8 +4,8 @@ Columns: torch (lorakit's torch engine, defaults), llamacpp with a bf16 / q8_0 /
 llama.cpp engine, adapter applied as a GGUF LoRA), and llama.cpp's own figure: a llama-cpp-python
 `Llama` object on the same GGUF files and thread count, decoding greedily with the adapter (one stream;
 a `Llama` object decodes one sequence), and a raw loop: llama_decode + argmax through llama-cpp-python's
-low-level API with nothing of lorakit's engine around it (no queue, worker thread or detokenizing). Figures: decode tokens/s of one stream (prefill subtracted),
-first-token latency (prompt -> first token), aggregate tokens/s of 8 concurrent streams, peak RSS.
+low-level API with nothing of lorakit's engine around it (no queue, worker thread or detokenizing).
+Figures: decode tokens/s of one stream (prefill subtracted), first-token latency (prompt -> first token), aggregate tokens/s of 8 concurrent streams, peak RSS.
 """
 
 from __future__ import annotations
