@@ -5,7 +5,8 @@ llama.cpp engine, adapter applied as a GGUF LoRA), and llama.cpp's own figure: a
 `Llama` object on the same GGUF files and thread count, decoding greedily with the adapter (one stream;
 a `Llama` object decodes one sequence), and a raw loop: llama_decode + argmax through llama-cpp-python's
 low-level API with nothing of lorakit's engine around it (no queue, worker thread or detokenizing).
-Figures: decode tokens/s of one stream (prefill subtracted), first-token latency (prompt -> first token), aggregate tokens/s of 8 concurrent streams, peak RSS.
+Figures: decode tokens/s of one stream (prefill subtracted), first-token latency (prompt -> first token),
+aggregate tokens/s of 8 concurrent streams, peak RSS.
 """
 
 from __future__ import annotations
