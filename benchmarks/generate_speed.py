@@ -6,9 +6,14 @@
 2. Server aggregate tokens/s: 1 vs 8 concurrent streaming clients against `lorakit serve`'s app
    (dynamic batching), started in-process with uvicorn on 127.0.0.1.
 
+3. `--backends`: the back-ends side by side (each in its own process, so peak RSS is its own): torch,
+   llamacpp with a bf16, q8_0 and q4_k_m GGUF, and llama.cpp's own figure (a `Llama` object on the same
+   GGUF, adapter and threads): decode tokens/s of one stream, first-token latency, aggregate tokens/s of
+   8 concurrent streams, peak RSS.
+
 Every measurement is best-of-N, the two single-stream ways interleaved and both run off the main thread
 (other processes share the cores). Run:
-    .venv/bin/python benchmarks/generate_speed.py [--tokens 64] [--repeats 3]
+    .venv/bin/python benchmarks/generate_speed.py [--tokens 64] [--repeats 3] [--backends]
 """
 
 from __future__ import annotations
@@ -164,7 +169,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--targets", default="all-linear", help="LoRA target modules (comma list or all-linear)")
+    parser.add_argument("--backends", action="store_true", help="the back-end table (see the module docstring)")
+    parser.add_argument("--column", help=argparse.SUPPRESS)  # one column, in a child process
+    parser.add_argument("--adapter", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.column or args.backends:
+        from backend_columns import backend_table, run_column
+
+        if args.column:
+            run_column(args)
+        else:
+            backend_table(args, make_adapter)
+        return
 
     import torch
 

@@ -69,7 +69,7 @@ def write_model(folder: Path, shape: str, shard_gb: float) -> int:
     """A random bf16 LLaMA of `shape`, one tensor in memory at a time; returns its bytes."""
     import torch
 
-    from lorakit.merge.safetensors_io import PlannedTensor, StreamingShardWriter
+    from lorakit.formats.shard_writer import PlannedTensor, StreamingShardWriter
 
     hidden, layers, inter, heads, kv_heads, vocab = SHAPES[shape]
     folder.mkdir(parents=True, exist_ok=True)

@@ -250,7 +250,7 @@ def test_extended_vocab_adapter_resizes_and_uses_its_tokenizer(tiny_model_dir, t
 def test_auto_template_prefers_the_adapters_training_template(tmp_path):
     from types import SimpleNamespace
 
-    from lorakit.generate.loading import choose_template
+    from lorakit.prompts.choose import choose_template
 
     with_chat, without = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
     trained = tmp_path / "adapter"

@@ -206,7 +206,7 @@ def test_serve_engine_on_a_4bit_base_answers_as_hf_generate(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit.config import build_config
-    from lorakit.generate.engine import GenerationParams
+    from lorakit.generate.params import GenerationParams
     from lorakit.generate.runner import Engine
     from lorakit.serve.config import ServeConfig
     from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model

@@ -54,3 +54,19 @@ class QuantizationOptions:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4")
     bnb_4bit_double_quant: bool = opt(True, "also quantize the 4-bit blocks' scales (QLoRA's double "
                                             "quantization, ~0.4 bits/parameter less)")
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling flags shared by generate, infer, serve and webui (-> generate.params.sampling_params)."""
+
+    max_new_tokens: int = opt(256, "most tokens to generate per response")
+    temperature: float = opt(0.1, "sampling temperature (0: greedy)")
+    top_p: float = opt(0.75, "nucleus sampling: smallest set of tokens with this probability mass")
+    top_k: int = opt(40, "sample among the k most likely tokens (0: no limit)")
+    num_beams: int = opt(1, "beam search width (> 1 disables token streaming)")
+    repetition_penalty: float = opt(1.0, "penalty for repeating tokens already present (1: off)")
+    presence_penalty: float = opt(0.0, "subtract this from tokens already generated (OpenAI's; 0: off)")
+    frequency_penalty: float = opt(0.0, "subtract this per earlier occurrence in the response (OpenAI's; 0: off)")
+    stop: list[str] = opt([], "extra stop strings (EOS and the template's end-of-turn always stop)")
+    seed: int | None = opt(None, "random seed for reproducible sampling")

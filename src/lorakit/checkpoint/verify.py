@@ -136,14 +136,14 @@ def _return_freed_memory() -> None:
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor, weight_type: str, what: str,
-            computed_in: str = "float32") -> VerifyResult:
+            computed_in: str = "float32", relative: float | None = None) -> VerifyResult:
     """Check candidate logits against the reference (both computed in `computed_in`); raise
-    VerificationError above the tolerance."""
+    VerificationError above the tolerance (`relative`, else the weight type's)."""
     if candidate.shape != reference.shape:
         raise VerificationError(f"{what}: logits shape {list(candidate.shape)} != reference {list(reference.shape)}")
     diff = float((candidate - reference).abs().max())
     scale = float(reference.abs().max())
-    relative = RELATIVE_TOLERANCE[stored_type(weight_type).name]
+    relative = RELATIVE_TOLERANCE[stored_type(weight_type).name] if relative is None else relative
     if computed_in != "float32":
         relative = max(relative, HALF_COMPUTE_TOLERANCE)
     tol = relative * max(scale, 1.0)

@@ -6,23 +6,52 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lorakit.config import opt
+from lorakit.errors import ConfigError
+from lorakit.export.quantize import QUANT_TYPES
 from lorakit.precision import FLOAT_TYPES, WEIGHT_TYPES, weight_type
+
+GGUF_TYPES = (*WEIGHT_TYPES, *QUANT_TYPES)  # lorakit's own writer's types, then llama.cpp's quantizer's
 
 
 @dataclass
 class ExportConfig:
     """Options of `lorakit export`."""
 
-    model: str = opt("", "model to export: a Hugging Face folder (e.g. a merged model), a .gguf or an alias",
-                     required=True)
-    format: Literal["gguf", "pth"] = opt("gguf", "gguf (llama.cpp) or pth (Meta consolidated.NN.pth + params.json)")
-    output: str = opt("", "output .gguf file (gguf) or folder (pth)", required=True)
-    dtype: str = opt("f16", "weight type of the output: f32, f16, bf16, or q8_0 (gguf only; norms stay f32); "
+    model: str = opt("", "model to export: a Hugging Face folder (e.g. a merged model), a .gguf or an alias "
+                         "(required unless --format gguf-lora)")
+    format: Literal["gguf", "pth", "gguf-lora"] = opt(
+        "gguf", "gguf (llama.cpp), pth (Meta consolidated.NN.pth + params.json) or gguf-lora (a LoRA adapter "
+                "llama.cpp/Ollama apply at run time: --adapter and --base-model)")
+    output: str = opt("", "output .gguf file (gguf, gguf-lora) or folder (pth)", required=True)
+    dtype: str = opt("f16", "weight type of the output: f32, f16, bf16, q8_0 (norms stay f32), or llama.cpp's "
+                            f"quantized {'/'.join(QUANT_TYPES)} (gguf); f32/f16/bf16 for pth and gguf-lora; "
                             "float32/float16/bfloat16 are accepted too", aliases=("outtype",))
-    verify: bool = opt(True, "reload the output (transformers' GGUF loader / lorakit's pth reader) and compare "
-                             "logits with the source model")
+    adapter: str = opt("", "--format gguf-lora: the PEFT LoRA adapter folder")
+    base_model: str = opt("", "--format gguf-lora: the base model the adapter was trained on (folder, .gguf or "
+                              "alias)")
+    imatrix: str | None = opt(None, "importance matrix for the quantized types (llama.cpp's GGUF imatrix file)")
+    ollama: bool = opt(False, "also write an Ollama Modelfile next to the output (FROM, ADAPTER, TEMPLATE, stop "
+                              "tokens, generation defaults)")
+    verify: bool = opt(True, "reload the output (transformers' GGUF loader, llama.cpp for quantized types and "
+                             "adapters, lorakit's pth reader) and compare logits with the source model")
     overwrite: bool = opt(False, "replace an existing output")
 
     def validate(self) -> None:
-        allowed = tuple(WEIGHT_TYPES) if self.format == "gguf" else FLOAT_TYPES
-        self.dtype = weight_type(self.dtype, allowed, f"--dtype (--format {self.format})").name
+        if self.format == "gguf" and self.dtype.lower() in QUANT_TYPES:
+            self.dtype = self.dtype.lower()
+        else:
+            allowed = tuple(WEIGHT_TYPES) if self.format == "gguf" else FLOAT_TYPES
+            self.dtype = weight_type(self.dtype, allowed, f"--dtype (--format {self.format})").name
+        if self.format == "gguf-lora":
+            if not self.adapter or not self.base_model:
+                raise ConfigError("--format gguf-lora needs --adapter (the PEFT folder) and --base-model")
+        elif not self.model:
+            raise ConfigError("missing required option --model")
+        elif self.adapter:
+            raise ConfigError("--adapter is for --format gguf-lora; to export a model with an adapter merged in, "
+                              "run `lorakit merge` first")
+        if self.imatrix and self.dtype not in QUANT_TYPES:
+            raise ConfigError(f"--imatrix applies to the quantized types ({', '.join(QUANT_TYPES)}), not "
+                              f"{self.dtype}")
+        if self.ollama and self.format == "pth":
+            raise ConfigError("--ollama writes a Modelfile for a GGUF export (--format gguf or gguf-lora)")

@@ -23,17 +23,26 @@ class ExportResult:
 
 
 def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", verify: bool = True,
-                 overwrite: bool = False) -> ExportResult:
+                 overwrite: bool = False, imatrix: str | Path | None = None) -> ExportResult:
     """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically, with its
-    weights as `dtype` (precision.WEIGHT_TYPES: f32, f16, bf16; q8_0 for GGUF)."""
+    weights as `dtype` (precision.WEIGHT_TYPES: f32, f16, bf16; q8_0 for GGUF). Quantized GGUF types
+    (export/quantize.py) are made by llama.cpp from an f16/bf16 GGUF and verified through it."""
     from lorakit.checkpoint.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
+    from lorakit.export.quantize import is_quant_type
     from lorakit.models import resolve_model_dir
 
     start = time.perf_counter()
     src = resolve_model_dir(model)
     out = Path(output).expanduser()
     result = ExportResult(out, 0.0)
-    if fmt == "gguf":
+    if fmt == "gguf" and is_quant_type(dtype):
+        from lorakit.export.quantize import verify_quantized, write_quantized
+
+        with atomic_file(out, overwrite) as tmp:
+            write_quantized(src, tmp, dtype, Path(imatrix) if imatrix else None)
+            if verify:
+                result.verify = verify_quantized(src, tmp, dtype)
+    elif fmt == "gguf":
         from lorakit.export.gguf_writer import write_gguf
 
         with atomic_file(out, overwrite) as tmp:
@@ -98,9 +107,56 @@ def verify_pth(src: Path, folder: Path, dtype: str) -> VerifyResult | None:
                       written=lambda dtype: load_pth_model(folder, getattr(torch, dtype)))
 
 
+def export_lora(adapter: str, base_model: str, output: str | Path, dtype: str = "f32", verify: bool = True,
+                overwrite: bool = False) -> ExportResult:
+    """Write a PEFT adapter as a GGUF LoRA (see gguf_lora.py); verified by llama.cpp applying it to an f32
+    GGUF of the base, against PEFT applying it to the HF base."""
+    from lorakit.checkpoint.output import atomic_file
+    from lorakit.export.gguf_lora import write_gguf_lora
+    from lorakit.models import resolve_adapter_dir, resolve_model_dir
+
+    start = time.perf_counter()
+    adapter_dir, base_dir = resolve_adapter_dir(adapter), resolve_model_dir(base_model)
+    out = Path(output).expanduser()
+    result = ExportResult(out, 0.0)
+    with atomic_file(out, overwrite) as tmp:
+        summary = write_gguf_lora(adapter_dir, base_dir, tmp, dtype)
+        log.info("GGUF LoRA: %d adapted weights, r=%d, alpha=%g%s", summary.tensors, summary.rank, summary.alpha,
+                 f" ({summary.rescaled} rescaled into B)" if summary.rescaled else "")
+        if verify:
+            result.verify = verify_gguf_lora(base_dir, adapter_dir, tmp, dtype)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def verify_gguf_lora(base_dir: Path, adapter_dir: Path, lora_gguf: Path, dtype: str) -> VerifyResult | None:
+    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32."""
+    from lorakit.checkpoint.verify import merged_in_memory
+    from lorakit.export.gguf_cache import cached_model_gguf
+    from lorakit.export.llamacpp_verify import verify_with_llamacpp
+    from lorakit.formats.safetensors_io import param_count
+
+    base_gguf = cached_model_gguf(base_dir, "f32")
+    return verify_with_llamacpp(f"GGUF LoRA {dtype}", param_count(base_dir), _vocab_rows(base_dir), base_gguf,
+                                dtype, reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
+                                                                                  dtype),
+                                adapters={"adapter": lora_gguf})
+
+
 def run_export(cfg: ExportConfig) -> int:
     """The `lorakit export` verb: export, print the result; returns the exit code."""
-    result = export_model(cfg.model, cfg.format, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite)
-    print(f"exported {cfg.model} -> {result.output} ({cfg.format}, {cfg.dtype}) in {result.seconds:.1f}s")
+    if cfg.format == "gguf-lora":
+        result = export_lora(cfg.adapter, cfg.base_model, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite)
+        what = cfg.adapter
+    else:
+        result = export_model(cfg.model, cfg.format, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite, cfg.imatrix)
+        what = cfg.model
+    print(f"exported {what} -> {result.output} ({cfg.format}, {cfg.dtype}) in {result.seconds:.1f}s")
+    if cfg.ollama:
+        from lorakit.export.ollama import write_modelfile_for
+
+        modelfile = write_modelfile_for(cfg, result.output,
+                                        lambda base, out: export_model(str(base), "gguf", out, "f16"))
+        print(f"Ollama Modelfile: {modelfile}")
     report_verification(result.verify, cfg.verify)
     return 0

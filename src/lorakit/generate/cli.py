@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from lorakit.generate.config import GenerateConfig
-from lorakit.generate.params import GenerationParams
+from lorakit.generate.params import GenerationParams, sampling_params
 from lorakit.generate.runner import Engine
 from lorakit.generate.session import PromptTooLongError
 
@@ -85,8 +85,10 @@ def interactive(engine: Engine, params: GenerationParams, stream: bool, out: Tex
 
 def run_generate(cfg: GenerateConfig) -> int:
     """The `lorakit generate` verb: one prompt, or an interactive session; returns the exit code."""
-    params = cfg.generation_params()
-    engine = Engine.load(cfg)
+    params = sampling_params(cfg)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
     try:
         if cfg.instruction is None:
             interactive(engine, params, cfg.stream)

@@ -6,10 +6,15 @@ No torch import here: these dataclasses build the CLI flags.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from lorakit.config import opt
 from lorakit.errors import ConfigError
-from lorakit.options import ModelOptions, Precision, QuantizationOptions, adapter_option
+from lorakit.export.config import GGUF_TYPES
+from lorakit.generate.params import sampling_params
+from lorakit.options import ModelOptions, Precision, QuantizationOptions, SamplingOptions, adapter_option
+
+ENGINE_GGUF_TYPES = ("auto", *GGUF_TYPES)
 
 
 @dataclass
@@ -27,6 +32,11 @@ class EngineOptions(QuantizationOptions, ModelOptions):
                                        "fp32; fp32 gives the exact full-precision logits")
     merge: bool = opt(True, "merge the adapters into the weights in memory (faster); --no-merge keeps "
                             "them separate")
+    backend: Literal["auto", "torch", "llamacpp"] = opt(
+        "auto", "torch (transformers + PEFT) or llamacpp (GGUF files made and cached by lorakit, adapters applied "
+                "by llama.cpp); auto: torch for adapters that train embeddings or on a GPU, else llamacpp")
+    gguf_type: Literal[ENGINE_GGUF_TYPES] = opt("auto", "--backend llamacpp: GGUF weight type of the base (auto: "
+                                                        "from --precision; e.g. q8_0 or q4_k_m for speed)")
 
     def adapter_specs(self) -> list[tuple[str, str]]:
         """[(name, path)] from `--lora-weights` (NAME=PATH or PATH, named after the folder)."""
@@ -47,27 +57,6 @@ class EngineOptions(QuantizationOptions, ModelOptions):
 
 
 @dataclass
-class SamplingOptions:
-    """Sampling flags shared by generate, infer, serve and webui (-> GenerationParams)."""
-
-    max_new_tokens: int = opt(256, "most tokens to generate per response")
-    temperature: float = opt(0.1, "sampling temperature (0: greedy)")
-    top_p: float = opt(0.75, "nucleus sampling: smallest set of tokens with this probability mass")
-    top_k: int = opt(40, "sample among the k most likely tokens (0: no limit)")
-    num_beams: int = opt(1, "beam search width (> 1 disables token streaming)")
-    repetition_penalty: float = opt(1.0, "penalty for repeating tokens already present (1: off)")
-    presence_penalty: float = opt(0.0, "subtract this from tokens already generated (OpenAI's; 0: off)")
-    frequency_penalty: float = opt(0.0, "subtract this per earlier occurrence in the response (OpenAI's; 0: off)")
-    stop: list[str] = opt([], "extra stop strings (EOS and the template's end-of-turn always stop)")
-    seed: int | None = opt(None, "random seed for reproducible sampling")
-
-    def generation_params(self):
-        from lorakit.generate.params import GenerationParams
-
-        return GenerationParams.from_fields(self, stop=list(self.stop))
-
-
-@dataclass
 class GenerateConfig(EngineOptions, SamplingOptions):
     """`lorakit generate`: one response, or an interactive chat without --instruction."""
 
@@ -76,7 +65,7 @@ class GenerateConfig(EngineOptions, SamplingOptions):
     stream: bool = opt(True, "print tokens as they come when writing to a terminal")
 
     def validate(self) -> None:
-        self.generation_params()
+        sampling_params(self)
         self.adapter_specs()
 
 
@@ -91,7 +80,7 @@ class InferConfig(EngineOptions, SamplingOptions):
     limit: int = opt(0, "only the first N records (0: all)")
 
     def validate(self) -> None:
-        self.generation_params()
+        sampling_params(self)
         self.adapter_specs()
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")

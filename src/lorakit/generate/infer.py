@@ -16,7 +16,7 @@ from typing import Any
 from lorakit.data.readers import iter_records, parse_record
 from lorakit.errors import DataError, LorakitError
 from lorakit.generate.config import InferConfig
-from lorakit.generate.runner import Engine
+from lorakit.generate.params import sampling_params
 
 log = logging.getLogger("lorakit")
 
@@ -107,7 +107,9 @@ def run_infer(cfg: InferConfig) -> int:
         return 0
     if done:
         print(f"resuming: {done} of {len(items)} records already in {output}")
-    engine = Engine.load(cfg)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
     todo = items[done:]
     prompts = [engine.chat_ids(src["messages"]) if "messages" in src
                else engine.instruction_ids(src["instruction"], src["input"]) for _, src in todo]
@@ -115,7 +117,7 @@ def run_infer(cfg: InferConfig) -> int:
     written = 0
     with output.open("a", encoding="utf-8") as f, tqdm(total=len(items), initial=done, desc="infer",
                                                        unit="rec") as bar:
-        for batch in engine.generate_many(prompts, cfg.generation_params(), cfg.batch_size):
+        for batch in engine.generate_many(prompts, sampling_params(cfg), cfg.batch_size):
             for req in batch:
                 record = dict(todo[written][0])
                 record["response"] = req.text.strip()

@@ -8,6 +8,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lorakit.errors import ConfigError
 
@@ -57,6 +58,12 @@ class GenerationParams:
             return (1,)
         return (self.num_beams, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
                 self.max_new_tokens)
+
+
+
+def sampling_params(opts: Any) -> GenerationParams:
+    """Validated GenerationParams from a verb's SamplingOptions (lorakit.options) flags."""
+    return GenerationParams.from_fields(opts, stop=list(opts.stop))
 
 
 @dataclass

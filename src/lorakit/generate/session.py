@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import LorakitError
-from lorakit.generate.loading import choose_template, resolve_dtype
+from lorakit.generate.loading import resolve_dtype
 from lorakit.generate.params import GenerationParams
+from lorakit.prompts.choose import choose_template
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11

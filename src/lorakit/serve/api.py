@@ -256,7 +256,9 @@ def run_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     api_key = cfg.api_key or os.environ.get("LORAKIT_API_KEY") or None
-    engine = Engine.load(cfg, max_batch_size=cfg.max_concurrency, gather_ms=cfg.gather_ms)
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg, max_batch_size=cfg.max_concurrency, gather_ms=cfg.gather_ms)
     app = create_app(engine, api_key, cfg.max_tokens_limit, cfg.default_max_tokens)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", cfg.host)

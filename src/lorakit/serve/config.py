@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lorakit.config import opt
 from lorakit.errors import ConfigError
 from lorakit.generate.config import EngineOptions, SamplingOptions
+from lorakit.generate.params import sampling_params
 
 
 def _check_port(port: int) -> None:
@@ -46,5 +47,5 @@ class WebuiConfig(EngineOptions, SamplingOptions):
 
     def validate(self) -> None:
         self.adapter_specs()
-        self.generation_params()
+        sampling_params(self)
         _check_port(self.port)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from lorakit.generate.params import GenerationParams
+from lorakit.generate.params import GenerationParams, sampling_params
 from lorakit.generate.runner import Engine
 from lorakit.generate.session import PromptTooLongError
 from lorakit.serve.config import WebuiConfig
@@ -125,8 +125,10 @@ def _text(content: Any) -> str:
 
 def run_webui(cfg: WebuiConfig) -> int:
     """The `lorakit webui` verb: load the engine and serve the Gradio page; returns the exit code."""
-    engine = Engine.load(cfg)
-    demo = build_demo(engine, cfg.generation_params())
+    from lorakit.generate.backends import load_engine
+
+    engine = load_engine(cfg)
+    demo = build_demo(engine, sampling_params(cfg))
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the web page is reachable from other machines at %s:%d", cfg.host, cfg.port)
     try:

@@ -98,6 +98,9 @@ class EvalConfig(PromptDataOptions, QuantizationOptions, ModelOptions):
     max_new_tokens: int = opt(64, "generation length for --exact-match")
     limit: int = opt(0, "evaluate only the first N examples (0: all)")
     precision: Precision = opt("fp32", "compute precision of the evaluation: fp32, bf16 or auto")
+    backend: Literal["torch", "llamacpp"] = opt("torch", "llamacpp: logits from llama.cpp (a .gguf base as it is, "
+                                                         "e.g. quantized; adapters as GGUF LoRA); a .txt data file "
+                                                         "is then scored as raw text")
 
     def validate(self) -> None:
         self.validate_data()

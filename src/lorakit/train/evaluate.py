@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -15,17 +14,7 @@ from lorakit.models import load_model_and_tokenizer
 from lorakit.precision import resolve_precision
 from lorakit.prompts import get_prompter
 from lorakit.train.config import EvalConfig
-
-
-@dataclass
-class EvalResult:
-    """Examples and tokens scored, mean token loss, perplexity, and exact match when generation was asked for."""
-
-    examples: int
-    tokens: int
-    loss: float
-    perplexity: float
-    exact_match: float | None = None
+from lorakit.train.eval_result import EvalResult
 
 
 @torch.inference_mode()
@@ -67,6 +56,10 @@ def exact_match(model, tokenizer, prompter, examples, max_new_tokens: int, batch
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score `cfg`'s model (+ adapters merged) on its data: mean token cross-entropy; returns an EvalResult."""
+    if cfg.backend == "llamacpp":
+        from lorakit.train.evaluate_llamacpp import evaluate_llamacpp
+
+        return evaluate_llamacpp(cfg)
     precision = resolve_precision(cfg.precision)
     examples, _ = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)  # data problems before loading
     model, tokenizer = load_model_and_tokenizer(cfg.base_model, cfg.tokenizer, cfg.lora_weights,

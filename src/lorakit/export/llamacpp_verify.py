@@ -1,0 +1,93 @@
+"""Verify a GGUF by what llama.cpp itself computes: its logits on the written file (with LoRA adapter
+GGUFs applied, if any) against the Hugging Face reference (the source model, or base + adapters by PEFT).
+
+Used for the quantized GGUF types (transformers cannot read k-quants faithfully, and what matters is
+what llama.cpp runs) and for GGUF LoRA adapters (only llama.cpp applies them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lorakit.checkpoint.verify import VerifyResult, compare, compute_dtype, probe_ids, reference_logits
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger("lorakit")
+
+
+def llamacpp_logits(gguf: Path, ids, adapters: dict[str, Path] | None = None):
+    """llama.cpp's fp32 logits [n, length, vocab] for the rows of `ids` [n, length] (each row its own
+    sequence, from position 0), with every adapter in `adapters` applied at scale 1."""
+    import torch
+
+    from lorakit.models.llamacpp import LlamaCppModel
+
+    rows = ids.tolist()
+    with LlamaCppModel(gguf, adapters, n_ctx=max(64, max(len(r) for r in rows)), n_batch=max(len(r) for r in rows)
+                       ) as model:
+        model.use_adapters(list(adapters or {}))
+        return torch.stack([torch.from_numpy(model.sequence_logits(r)) for r in rows])
+
+
+def verify_with_llamacpp(what: str, n_params: int, vocab_size: int, gguf: Path, weight_type: str,
+                         reference: Callable[[str], PreTrainedModel], tolerance: float | None = None,
+                         adapters: dict[str, Path] | None = None) -> VerifyResult | None:
+    """Compare llama.cpp's logits on `gguf` (+ `adapters`) with `reference("float32")`'s on the same
+    probes; raises VerificationError above the tolerance (`tolerance`, else the weight type's)."""
+    dtype = compute_dtype(n_params)
+    if dtype is None:
+        log.warning("%s: NOT verified: the reference model does not fit in memory here", what)
+        return None
+    ids = probe_ids(vocab_size)
+    ref = reference_logits(lambda: reference(dtype), ids)
+    got = llamacpp_logits(gguf, ids, adapters)[..., : ref.shape[-1]]
+    return compare(ref, got, weight_type, what, computed_in=dtype, relative=tolerance)
+
+
+def dequantized_model(model_dir: Path, gguf: Path, dtype: str = "float32", errors: dict | None = None
+                      ) -> PreTrainedModel:
+    """The HF model of `model_dir` with every weight replaced by the GGUF's own values, dequantized by the
+    `gguf` package (independently of llama.cpp) and put back in HF layout (q/k rows un-permuted).
+
+    Reference for a quantized file: llama.cpp should compute what this model computes, up to its own
+    activation rounding; the rounding of the weights themselves is measured by perplexity instead."""
+    import re
+
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lorakit.models import load_model
+    from lorakit.models.layout import RULES, meta_to_hf_rows, rotary_heads
+
+    model = load_model(model_dir, dtype)
+    source = model.state_dict()
+    config = model.config.to_dict()
+    patterns = [(re.compile(re.escape(r.gguf).replace(r"\{\}", r"(\d+)")), r) for r in RULES]
+    state = {}
+    for t in GGUFReader(str(gguf)).tensors:
+        for pattern, rule in patterns:  # noqa: B007 (the matching rule is used after the loop)
+            m = pattern.fullmatch(t.name)
+            if m:
+                break
+        else:
+            raise ValueError(f"{gguf}: unexpected tensor {t.name}")
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.dim() != len(t.shape) else w
+        heads = rotary_heads(rule, config)
+        if heads:
+            w = meta_to_hf_rows(w, heads)
+        name = rule.hf.format(*m.groups())
+        if errors is not None and name in source:
+            ref = source[name].float()
+            errors[name] = float((w - ref).norm() / ref.norm().clamp_min(1e-12))
+        state[name] = w
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{gguf}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
