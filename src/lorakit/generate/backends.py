@@ -2,8 +2,8 @@
 
 `auto` picks torch when an adapter trains embeddings/head (llama.cpp cannot apply those at run time)
 or a GPU is present, else llama.cpp (CPU-only machines: measured 3.4x the tokens/s of the torch engine on
-SmolLM2-135M with an all-linear adapter, one bf16 stream: benchmarks/generate_speed.py --backends), falling back to torch when
-llama-cpp-python is not installed.
+SmolLM2-135M with an all-linear adapter, one bf16 stream: benchmarks/generate_speed.py --backends),
+falling back to torch when llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
