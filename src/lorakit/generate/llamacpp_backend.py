@@ -205,22 +205,8 @@ class LlamaCppEngine(Engine):
                 if first is None:
                     return
                 pending.extend(self._gather(first))
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    batch.fail_all(None)
-                    for r in pending:
-                        r.finish_reason = "cancelled"
-                        r._finish()
-                    return
-                pending.append(item)
-            for r in [r for r in pending if r.cancelled.is_set()]:
-                pending.remove(r)
-                r.finish_reason = "cancelled"
-                r._finish()
+            if not self._take_arrivals(pending, batch):
+                return
             if not batch and pending:
                 adapter = pending[0].adapter
             admit = [r for r in pending if r.adapter == adapter]

@@ -146,6 +146,27 @@ class Engine(ModelSession):
             batch.append(item)
         return batch
 
+    def _take_arrivals(self, pending: list[Request], running: Any) -> bool:
+        """Move what else has arrived into `pending` and drop cancelled requests; False on shutdown (then
+        the running batch is failed and the pending requests cancelled). Shared with the llama.cpp worker."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                running.fail_all(None)
+                for r in pending:
+                    r.finish_reason = "cancelled"
+                    r._finish()
+                return False
+            pending.append(item)
+        for r in [r for r in pending if r.cancelled.is_set()]:
+            pending.remove(r)
+            r.finish_reason = "cancelled"
+            r._finish()
+        return True
+
     def _worker(self) -> None:
         import torch
 
@@ -170,22 +191,8 @@ class Engine(ModelSession):
                 if first is None:
                     return
                 pending.extend(self._gather(first))
-            while True:  # whatever else arrived meanwhile
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    running.fail_all(None)
-                    for r in pending:
-                        r.finish_reason = "cancelled"
-                        r._finish()
-                    return
-                pending.append(item)
-            for r in [r for r in pending if r.cancelled.is_set()]:
-                pending.remove(r)
-                r.finish_reason = "cancelled"
-                r._finish()
+            if not self._take_arrivals(pending, running):  # whatever else arrived meanwhile
+                return
             if not running and pending:
                 head = pending[0]
                 if head.params.num_beams > 1:  # beam search: a fixed batch through HF generate
