@@ -453,3 +453,24 @@ def test_gemma_soft_capping_keeps_the_head_unfused_and_the_loss_right(tiny_famil
     ref, _ = _loss_and_grads(_lora(plain), input_ids=ids, labels=ids)
     got, _ = _loss_and_grads(_lora(model), input_ids=ids, labels=ids)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["llama2", "qwen2", "llama3"])
+def test_backend_auto_runs_adapters_on_llamacpp_only_where_gguf_lora_covers_the_family(tiny_family, tmp_path, case):
+    """GGUF LoRA adapters are written for LLaMA/Mistral without RoPE scaling: elsewhere `auto` keeps torch,
+    and an explicit `--backend llamacpp` is one clear refusal."""
+    from lorakit.errors import ConfigError
+    from lorakit.generate.backends import resolve_backend
+    from lorakit.generate.config import GenerateConfig
+
+    base = tiny_family(case)
+    adapter = _random_adapter(base, tmp_path / "a")
+    auto = GenerateConfig(base_model=str(base), lora_weights=[str(adapter)])
+    supported = case == "llama2"
+    assert resolve_backend(auto) == ("llamacpp" if supported else "torch")
+    explicit = GenerateConfig(base_model=str(base), lora_weights=[str(adapter)], backend="llamacpp")
+    if supported:
+        assert resolve_backend(explicit) == "llamacpp"
+    else:
+        with pytest.raises(ConfigError, match="GGUF LoRA adapters are written for LLaMA/Mistral"):
+            resolve_backend(explicit)

@@ -37,6 +37,8 @@ class ExportConfig:
     overwrite: bool = opt(False, "replace an existing output")
 
     def validate(self) -> None:
+        if self.format != "gguf" and self.dtype.lower() in (*QUANT_TYPES, "q8_0"):
+            raise ConfigError(f"--dtype {self.dtype} is only for --format gguf (use f32, f16 or bf16)")
         if self.format == "gguf" and self.dtype.lower() in QUANT_TYPES:
             self.dtype = self.dtype.lower()
         else:

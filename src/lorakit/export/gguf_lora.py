@@ -63,6 +63,18 @@ def trains_embeddings(adapter_dir: Path) -> str | None:
     return None
 
 
+def base_unsupported(base_dir: Path) -> str | None:
+    """Why GGUF LoRA adapters cannot be written for this base yet (None: they can). The adapter writer
+    knows the LLaMA/Mistral tensor layout without RoPE scaling; other families go through a merge."""
+    from lorakit.errors import MismatchError
+
+    try:
+        check_supported_config(json.loads((base_dir / "config.json").read_text()), str(base_dir))
+    except MismatchError as e:
+        return f"GGUF LoRA adapters are written for LLaMA/Mistral bases without RoPE scaling ({e})"
+    return None
+
+
 def _load_adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
     st = adapter_dir / "adapter_model.safetensors"
     if st.is_file():

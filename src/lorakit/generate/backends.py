@@ -1,6 +1,7 @@
 """Which engine runs a front end's requests: `--backend torch` (transformers + PEFT) or `llamacpp`.
 
-`auto` picks torch when an adapter trains embeddings/head (llama.cpp cannot apply those at run time)
+`auto` picks torch when an adapter trains embeddings/head (llama.cpp cannot apply those at run time) or
+its base is a family the GGUF LoRA writer does not cover yet
 or a GPU is present, else llama.cpp (CPU-only machines: measured 3.4x the tokens/s of the torch engine on
 SmolLM2-135M with an all-linear adapter, one bf16 stream: benchmarks/generate_speed.py --backends),
 falling back to torch when llama-cpp-python is not installed.
@@ -21,11 +22,14 @@ log = logging.getLogger("lorakit")
 
 def resolve_backend(opts: Any) -> str:
     """'torch' or 'llamacpp' for these EngineOptions (explicit choices are checked, `auto` decided)."""
-    from lorakit.export.gguf_lora import trains_embeddings
-    from lorakit.models import resolve_adapter_dir
+    from lorakit.export.gguf_lora import base_unsupported, trains_embeddings
+    from lorakit.models import resolve_adapter_dir, resolve_model_dir
 
     choice = getattr(opts, "backend", "torch")
-    reasons = [why for _, p in opts.adapter_specs() if (why := trains_embeddings(resolve_adapter_dir(p)))]
+    specs = opts.adapter_specs()
+    reasons = [why for _, p in specs if (why := trains_embeddings(resolve_adapter_dir(p)))]
+    if specs and choice != "torch" and (why := base_unsupported(resolve_model_dir(opts.base_model))):
+        reasons.append(why)
     if choice == "llamacpp":
         if reasons:
             raise ConfigError(f"--backend llamacpp cannot apply this adapter at run time: {reasons[0]}; merge it "
