@@ -231,3 +231,14 @@ def test_serve_engine_on_a_4bit_base_answers_as_hf_generate(tmp_path_factory):
             assert got == want, adapter
     finally:
         engine.close()
+
+
+def test_quantization_runs_on_the_torch_backend(tiny_model_dir):
+    """bitsandbytes is a torch-side quantization: `auto` keeps torch, an explicit llamacpp is refused."""
+    from lorakit.errors import ConfigError
+    from lorakit.generate.backends import resolve_backend
+    from lorakit.generate.config import GenerateConfig
+
+    assert resolve_backend(GenerateConfig(base_model=str(tiny_model_dir), quantization="4bit")) == "torch"
+    with pytest.raises(ConfigError, match="--gguf-type"):
+        resolve_backend(GenerateConfig(base_model=str(tiny_model_dir), quantization="8bit", backend="llamacpp"))

@@ -30,7 +30,11 @@ def resolve_backend(opts: Any) -> str:
     reasons = [why for _, p in specs if (why := trains_embeddings(resolve_adapter_dir(p)))]
     if specs and choice != "torch" and (why := base_unsupported(resolve_model_dir(opts.base_model))):
         reasons.append(why)
+    quantized = getattr(opts, "quantization", "none") != "none"
     if choice == "llamacpp":
+        if quantized:
+            raise ConfigError("--quantization is bitsandbytes on the torch back-end; with --backend llamacpp "
+                              "choose a quantized GGUF type instead (--gguf-type q8_0, q4_k_m, ...)")
         if reasons:
             raise ConfigError(f"--backend llamacpp cannot apply this adapter at run time: {reasons[0]}; merge it "
                               "(`lorakit merge`) and run the merged model, or use --backend torch")
@@ -43,7 +47,7 @@ def resolve_backend(opts: Any) -> str:
         return "torch"
     import torch
 
-    if reasons or torch.cuda.is_available() or getattr(opts, "num_beams", 1) > 1:
+    if reasons or quantized or torch.cuda.is_available() or getattr(opts, "num_beams", 1) > 1:
         return "torch"
     if importlib.util.find_spec("llama_cpp") is None:
         log.info("backend auto: llama-cpp-python is not installed, using torch")

@@ -129,7 +129,10 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def check_shapes_match_config(files: dict[str, tuple[Path, list[int]]], config: dict[str, Any]) -> None:
-    """The weights have the shapes config.json implies (hidden, vocabulary, heads, MLP sizes)."""
+    """The weights have the shapes config.json implies (hidden, vocabulary, heads, MLP sizes). Quantized
+    checkpoints (a `quantization_config`: bitsandbytes, GPTQ...) store packed tensors of other shapes."""
+    if config.get("quantization_config"):
+        return
     expected = expected_shapes(config)
     for name, (path, shape) in files.items():
         if any(part.startswith(("vision", "audio", "multi_modal", "mm_")) for part in name.split(".")):
