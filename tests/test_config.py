@@ -109,7 +109,7 @@ def test_dtype_is_one_flag_with_the_old_spellings_as_aliases(tmp_path):
     assert config_from_args(ExportConfig, args, str(yaml_file)).dtype == "q8_0"
     args = parser.parse_args(["export", "--dtype", "f32"])
     assert config_from_args(ExportConfig, args, str(yaml_file)).dtype == "f32"  # the flag wins over YAML
-    with pytest.raises(ConfigError, match=r"--dtype \(--format pth\) q8_0"):
+    with pytest.raises(ConfigError, match=r"--dtype q8_0 is only for --format gguf"):
         build_config(ExportConfig, {"model": "m", "output": "o", "format": "pth", "dtype": "q8_0"})
     merge = build_config(MergeConfig, {"lora_model": ["a"], "output_dir": "o", "dtype": "bfloat16"})
     assert merge.dtype == "bf16"
