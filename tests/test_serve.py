@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base-model", str(model_dir),
-                             "--precision", "fp32",
+                             "--precision", "fp32", "--backend", "torch",  # llama.cpp's: test_llamacpp_*
                              "--lora-weights", f"alpha={alpha}", "--port", str(port), "--api-key", KEY,
                              "--gather-ms", "100"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
