@@ -17,21 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.cli import main
+from cli_helpers import run_cli
 from lorakit.train.checkpoints import MARKER, checkpoint_problem
 
 FAST = ["--cutoff-len", "64", "--micro-batch-size", "4", "--batch-size", "8", "--warmup-steps", "1",
         "--learning-rate", "1e-3", "--precision", "fp32", "--lora-target-modules", "all-linear", "--nproc", "1",
         "--val-set-size", "0", "--max-steps", "6", "--save-steps", "2", "--logging-steps", "1",
         "--lora-dropout", "0.1"]
-
-
-def run_cli(*argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.cli import main
-
-
-def run_cli(*argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from cli_helpers import run_cli
 
 
 def _boom(cfg):

@@ -7,18 +7,10 @@ import math
 
 import torch
 
-from lorakit.cli import main
+from cli_helpers import run_cli
 from lorakit.data import IGNORE_INDEX, read_examples, tokenize_example
 from lorakit.models import load_model, load_tokenizer
 from lorakit.prompts import get_prompter
-
-
-def run_cli(*argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_eval_loss_equals_per_example_average(tiny_model_dir, tiny_alpaca_json, capsys):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from lorakit.cli import main
+from cli_helpers import run_cli
 from lorakit.generate.cpu_inference import FusedAttention, PackedLinear, optimize_for_cpu
 from lorakit.models import load_model
 from lorakit.models.quantize import bnb_config, check_quantized_base
@@ -23,11 +23,7 @@ MASK = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
+    code = run_cli(*argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -12,19 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorakit.cli import main
+from cli_helpers import run_cli
 from lorakit.errors import DamagedFileError, MismatchError
 from lorakit.models.adapter_check import check_adapters_fit_base, validate_adapter_dir
 from lorakit.models.headers import gguf_header, human_size, safetensors_header
 from lorakit.models.validate import validate_model_dir, validate_tokenizer
-
-
-def run_cli(*argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
