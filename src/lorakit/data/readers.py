@@ -150,36 +150,62 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any] | DataError]:
         yield from _iter_jsonl(p, data)
 
 
-def _data_files(path: str | Path) -> list[Path]:
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The instruction data files `read_examples` reads: the file, or a folder's .json/.jsonl/.parquet, sorted."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix in (".json", ".jsonl"))
+        files = sorted(q for q in p.iterdir() if q.suffix in DATA_SUFFIXES)
         if not files:
-            raise DataError(p, None, None, "folder holds no .json or .jsonl files")
+            raise DataError(p, None, None, "folder holds no .json, .jsonl or .parquet files")
         return files
     return [p]
 
 
+def iter_examples(file: Path) -> Iterator[Example | DataError]:
+    """Each record of one data file as an Example, or a DataError for a bad one (`file:line`; parquet:
+    `file row n`). A file that cannot be read on yields its DataError last."""
+    try:
+        if file.suffix == ".parquet":
+            from lorakit.data.parquet import iter_rows
+
+            if not file.is_file():
+                raise DataError(file, None, None, "no such data file")
+            for row, obj in iter_rows(file):
+                where = f"{file} row {row}"
+                try:
+                    example = parse_record(obj, file, row)
+                except DataError as e:
+                    yield DataError(where, None, e.field, e.reason)
+                    continue
+                example.where = where
+                yield example
+            return
+        for item in iter_records(file):
+            if isinstance(item, DataError):
+                yield item
+                continue
+            try:
+                yield parse_record(item[1], file, item[0])
+            except DataError as e:
+                yield e
+    except DataError as e:  # the file itself is unreadable: nothing after it can be trusted
+        yield e
+
+
 def read_examples(path: str | Path, skip_invalid: bool = False) -> tuple[list[Example], list[DataError]]:
-    """Read every record of a file (or of every .json/.jsonl file in a folder).
+    """Read every record of a file (or of every .json/.jsonl/.parquet file in a folder).
 
     Returns (examples, skipped errors). Without `skip_invalid`, any invalid record raises
     `DataErrors` listing them all, so the user fixes the file in one pass.
     """
     examples: list[Example] = []
     errors: list[DataError] = []
-    for file in _data_files(path):
-        try:
-            for item in iter_records(file):
-                if isinstance(item, DataError):
-                    errors.append(item)
-                    continue
-                try:
-                    examples.append(parse_record(item[1], file, item[0]))
-                except DataError as e:
-                    errors.append(e)
-        except DataError as e:  # the file itself is unreadable: nothing after it can be trusted
-            errors.append(e)
+    for file in data_files(path):
+        for item in iter_examples(file):
+            (errors if isinstance(item, DataError) else examples).append(item)
     if errors and not skip_invalid:
         raise DataErrors(errors)
     if not examples:

@@ -24,6 +24,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +119,45 @@ def _raise_errors(results: list, segments: list) -> None:
         raise DataErrors(errors)
 
 
+@contextmanager
+def building(folder: Path, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """A hidden temporary folder beside `folder` to write a cache entry into, renamed to `folder` when the
+    block ends without an error. Removed in any case, with any parent folders this call made."""
+    made = [d for d in (folder.parent, *folder.parent.parents) if not d.exists()]  # removed again on failure
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another run finished the same entry first: keep its copy
+            if not complete(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # innermost first: a failed first run leaves no empty cache folders behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+
+def wait_for_local_rank_0(folder: Path, complete: Callable[[Path], bool], what: str) -> bool:
+    """Under torchrun, processes other than each machine's first wait until it has built `folder`: True
+    when this process waited (and the entry is now complete)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return False
+    log.info("waiting for LOCAL_RANK 0 to tokenize %s into %s", what, folder)
+    while not complete(folder):
+        time.sleep(0.5)
+    return True
+
+
 def build(folder: Path, files: list[Path], tokenizer: Any, inputs: dict[str, Any], workers: int,
           show_progress: bool = True) -> None:
     """Tokenize `files` into the cache entry `folder` (written beside it, then renamed into place)."""
     from tqdm import tqdm
 
-    made = [d for d in (folder.parent, *folder.parent.parents) if not d.exists()]  # removed again on failure
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with building(folder, TokenCache.complete) as tmp:
         dtype = inputs["dtype"]
         segments = plan_segments(files, workers)
         start = time.perf_counter()
@@ -151,19 +183,8 @@ def build(folder: Path, files: list[Path], tokenizer: Any, inputs: dict[str, Any
                 "workers": workers, "tokens_per_second": round(tokens / seconds if seconds else 0.0),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        tmp.chmod(0o755)
         log.info("tokenized %d documents -> %d tokens in %.1f s (%.0f tokens/s, %d worker%s) into %s", documents,
                  tokens, seconds, meta["tokens_per_second"], workers, "s" if workers > 1 else "", folder)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another run finished the same entry first: keep its copy
-            if not TokenCache.complete(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:  # innermost first: a failed first run leaves no empty cache folders behind
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
 
 
 def load_or_build(data_path: str, tokenizer: Any, tokenizer_source: Path, cache_dir: Path, workers: int,
@@ -177,10 +198,7 @@ def load_or_build(data_path: str, tokenizer: Any, tokenizer_source: Path, cache_
         log.info("token cache hit: %s (%d tokens of %d documents, tokenized %s): nothing to tokenize", folder,
                  len(cache), cache.meta["documents"], cache.meta["created"])
         return cache
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # torchrun: this machine's first process builds it
-        log.info("waiting for LOCAL_RANK 0 to tokenize %s into %s", data_path, folder)
-        while not TokenCache.complete(folder):
-            time.sleep(0.5)
+    if wait_for_local_rank_0(folder, TokenCache.complete, data_path):  # torchrun: this machine's first builds it
         return TokenCache(folder)
     log.info("token cache miss: tokenizing %s into %s with %d worker%s", data_path, folder, workers,
              "s" if workers > 1 else "")

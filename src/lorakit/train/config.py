@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lorakit.config import opt
+from lorakit.data.cache_options import DataPrepOptions
 from lorakit.errors import ConfigError
 from lorakit.models.quantize import validate_quantization
 from lorakit.options import ModelOptions, Precision, PromptDataOptions, QuantizationOptions, adapter_option
@@ -78,13 +79,14 @@ class TrainOptions(DistributedOptions):
 
 
 @dataclass
-class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, QuantizationOptions, ModelOptions):
+class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, QuantizationOptions, ModelOptions, DataPrepOptions):
     """Everything `lorakit finetune` needs; every field is a flag and a YAML key."""
 
     def validate(self) -> None:
         self.validate_data()
         self.validate_train()
         self.validate_lora()
+        self.validate_data_prep()
         validate_quantization(self, self.nproc)
 
 

@@ -127,7 +127,7 @@ def train(cfg: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if (out / ADAPTER_FILE).exists() and not (cfg.overwrite or checkpoint):
         raise OutputExistsError(f"{out} already holds a trained adapter; pass --overwrite, "
                                 "or --resume-from-checkpoint last to continue its run")
-    if not len(train_data):
+    if hasattr(train_data, "__len__") and not len(train_data):  # a streamed dataset has no length
         raise ConfigError("no training examples left after tokenization")
     precision = resolve_precision(cfg.precision)
     out.mkdir(parents=True, exist_ok=True)

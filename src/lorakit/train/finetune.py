@@ -1,12 +1,14 @@
-"""`lorakit finetune`: read and validate data, tokenize with masks, load the base, train LoRA, save."""
+"""`lorakit finetune`: read and validate data, tokenize with masks (once, into the token cache), load the base,
+train LoRA, save."""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
-from lorakit.data import read_examples, tokenize_examples
+from lorakit.data.example_cache import load_or_build
 from lorakit.errors import ConfigError
 from lorakit.models import check_vocab, ensure_pad_token, load_model, load_tokenizer, resolve_model_dir
 from lorakit.precision import resolve_precision, weights_dtype
@@ -32,24 +34,34 @@ def split_validation(features: Sequence[Features], val_set_size: int, seed: int)
     return [f for i, f in enumerate(features) if i not in held], [features[i] for i in order[:val_set_size]]
 
 
+def tokenized_examples(cfg: FinetuneConfig, tokenizer, prompter, model_dir: Path):
+    """(train, validation) datasets: the examples tokenized in parallel into the on-disk cache
+    (data/example_cache.py) the first time, memory-mapped afterwards; or, with --streaming, tokenized while
+    training (data/streaming.py) and no validation set."""
+    if cfg.streaming:
+        from lorakit.data.streaming import StreamedExamples
+
+        log.info("streaming %s: examples are tokenized while training, in file order", cfg.data_path)
+        return StreamedExamples(cfg.data_path, tokenizer, prompter, cfg.cutoff_len, cfg.train_on_inputs,
+                                cfg.add_eos_token, cfg.skip_invalid), None
+    source = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir)
+    cache = load_or_build(cfg.data_path, tokenizer, source, prompter, cfg.cache_dir(), cfg.workers(),
+                          cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos_token, cfg.skip_invalid)
+    train_set, val_set = cache.split(cfg.val_set_size, cfg.seed)
+    log.info("%d training / %d validation examples, template %r", len(train_set), len(val_set or ()),
+             prompter.name)
+    return train_set, val_set
+
+
 def finetune(cfg: FinetuneConfig) -> TrainSummary:
     """Read and tokenize `cfg.data_path`, train a LoRA adapter into `cfg.output_dir`; returns the TrainSummary."""
     precision = resolve_precision(cfg.precision)
     model_dir = resolve_model_dir(cfg.base_model)
-    # All data problems surface before the (slow) tokenizer and model loads.
-    examples, skipped = read_examples(cfg.data_path, skip_invalid=cfg.skip_invalid)
-    if skipped:
-        log.warning("skipped %d invalid record(s); first: %s", len(skipped), skipped[0])
     tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
     pad_added = ensure_pad_token(tokenizer)
     prompter = get_prompter(cfg.prompt_template, tokenizer)
-    features = tokenize_examples(examples, prompter, tokenizer, cfg.cutoff_len, cfg.train_on_inputs,
-                                 cfg.add_eos_token)
-    if len(features) < len(examples):
-        log.warning("dropped %d example(s) whose response was cut off entirely at --cutoff-len %d",
-                    len(examples) - len(features), cfg.cutoff_len)
-    train_set, val_set = split_validation(features, cfg.val_set_size, cfg.seed)
-    log.info("%d training / %d validation examples, template %r", len(train_set), len(val_set), prompter.name)
+    # All data problems surface before the (slow) model load.
+    train_set, val_set = tokenized_examples(cfg, tokenizer, prompter, model_dir)
 
     model = load_model(model_dir, weights_dtype(precision), quantization=cfg)
     check_vocab(tokenizer, model, allow_resize=pad_added)

@@ -88,12 +88,8 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
 def tokenized_corpus(cfg: PretrainConfig, tokenizer, model_dir: Path) -> TokenCache:
     """The corpus as one token stream in the on-disk cache (data/token_cache.py): tokenized here in parallel
     the first time, memory-mapped afterwards."""
-    from lorakit.machine import usable_cores
-    from lorakit.models.resolve import cache_root
-
-    cache_dir = Path(cfg.data_cache_dir).expanduser() if cfg.data_cache_dir else cache_root() / "tokens"
     source = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir)
-    return load_or_build(cfg.data_path, tokenizer, source, cache_dir, cfg.preprocessing_num_workers or usable_cores())
+    return load_or_build(cfg.data_path, tokenizer, source, cfg.cache_dir(), cfg.workers())
 
 
 def pretrain(cfg: PretrainConfig) -> TrainSummary:
@@ -104,15 +100,22 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     model_dir = resolve_model_dir(cfg.base_model)
     tokenizer = load_tokenizer(model_dir, cfg.tokenizer, add_pad_token=False)
 
-    # Data problems surface before the (slow) model load.
-    tokens = tokenized_corpus(cfg, tokenizer, model_dir)
-    blocks = TokenBlocks(tokens.tokens, cfg.block_size)  # views into the memory-mapped token file
-    if not len(blocks):
-        raise DataError(cfg.data_path, None, None, f"only {len(tokens)} tokens, fewer than --block-size "
-                                                   f"{cfg.block_size}: lower --block-size or add text")
-    train_set, val_set = blocks.split(cfg.val_set_size, cfg.seed)
-    log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d", tokens.meta["documents"],
-             len(tokens), len(train_set), len(val_set) if val_set else 0, cfg.block_size)
+    if cfg.streaming:  # tokenized while training, no cache (data/streaming.py)
+        from lorakit.data.streaming import StreamedBlocks
+
+        log.info("streaming %s: blocks of %d are tokenized while training, in file order", cfg.data_path,
+                 cfg.block_size)
+        train_set, val_set = StreamedBlocks(cfg.data_path, tokenizer, cfg.block_size), None
+    else:  # data problems surface before the (slow) model load
+        tokens = tokenized_corpus(cfg, tokenizer, model_dir)
+        blocks = TokenBlocks(tokens.tokens, cfg.block_size)  # views into the memory-mapped token file
+        if not len(blocks):
+            raise DataError(cfg.data_path, None, None, f"only {len(tokens)} tokens, fewer than --block-size "
+                                                       f"{cfg.block_size}: lower --block-size or add text")
+        train_set, val_set = blocks.split(cfg.val_set_size, cfg.seed)
+        log.info("%d documents -> %d tokens -> %d training / %d validation blocks of %d",
+                 tokens.meta["documents"], len(tokens), len(train_set), len(val_set) if val_set else 0,
+                 cfg.block_size)
 
     model = load_model(model_dir, weights_dtype(precision), quantization=cfg)
     rows = model.get_input_embeddings().weight.shape[0]

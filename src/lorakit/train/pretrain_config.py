@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorakit.config import opt
+from lorakit.data.cache_options import DataPrepOptions
 from lorakit.errors import ConfigError
 from lorakit.models.quantize import validate_quantization
 from lorakit.options import ModelOptions, QuantizationOptions
@@ -12,7 +13,7 @@ from lorakit.train.config import LoraOptions, TrainOptions
 
 
 @dataclass
-class PretrainConfig(ModelOptions, QuantizationOptions, LoraOptions, TrainOptions):
+class PretrainConfig(ModelOptions, QuantizationOptions, LoraOptions, TrainOptions, DataPrepOptions):
     """Everything `lorakit pretrain` needs; every field is a flag and a YAML key."""
 
     data_path: str = opt("", "raw text: .txt (one document per non-empty line), .jsonl with `text`, or a folder "
@@ -23,17 +24,13 @@ class PretrainConfig(ModelOptions, QuantizationOptions, LoraOptions, TrainOption
                                      "adapter (needed for new tokens' rows); empty: LoRA only")
     output_dir: str = opt("./lora-pretrain", "where the adapter, logs, plot and checkpoints go")
     val_set_size: int = opt(0, "blocks held out for evaluation (0: none)")
-    data_cache_dir: str = opt("", "where the tokenized corpus is cached, keyed by data files, tokenizer and options "
-                                  "(default: $LORAKIT_CACHE/tokens, else ~/.cache/lorakit/tokens)")
-    preprocessing_num_workers: int = opt(0, "processes tokenizing the corpus (default: 0, one per core)")
 
     def validate(self) -> None:
         if self.block_size < 8:
             raise ConfigError("--block-size must be at least 8")
         self.validate_lora()
-        if self.preprocessing_num_workers < 0:
-            raise ConfigError("--preprocessing-num-workers must be >= 0 (0: one per core)")
         if self.val_set_size < 0:
             raise ConfigError("--val-set-size must be >= 0")
+        self.validate_data_prep()
         self.validate_train()
         validate_quantization(self, self.nproc)

@@ -45,7 +45,8 @@ class BalancedTrainer(TokenCountingTrainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return BalancedOrder([len(f["input_ids"]) for f in dataset], self.args.per_device_train_batch_size,
+        lengths = dataset.lengths.tolist() if hasattr(dataset, "lengths") else [len(f["input_ids"]) for f in dataset]
+        return BalancedOrder(lengths, self.args.per_device_train_batch_size,
                              self.args.gradient_accumulation_steps, self.args.world_size, seed)
 
     def get_train_dataloader(self):
