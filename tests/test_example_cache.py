@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -179,8 +180,11 @@ def test_streaming_yields_the_cached_examples_in_order(records, tok, tiny_model_
     path = write(tmp_path / "data", records, "parquet")
     cache = build(path, tok, tiny_model_dir, tmp_path / "cache", cutoff_len=48)
     streamed = StreamedExamples(str(path), tok, get_prompter("alpaca", tok), cutoff_len=48)
-    assert list(streamed) == features(cache)
-    assert list(streamed)[:3] == features(cache)[:3]  # a second pass reads the files again
+    n = len(cache)
+    assert list(islice(streamed, 2 * n + 3)) == 2 * features(cache) + features(cache)[:3]  # pass after pass
+    (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x " * 60, "output": "y"}) + "\n")
+    with pytest.raises(DataError, match="nothing to train on"):  # all cut off: an error, not an endless loop
+        next(iter(StreamedExamples(str(tmp_path / "long.jsonl"), tok, get_prompter("alpaca", tok), 16, False)))
 
 
 def test_streamed_blocks_are_the_cached_blocks(data_dir, tok, tiny_model_dir, tmp_path):
@@ -193,9 +197,9 @@ def test_streamed_blocks_are_the_cached_blocks(data_dir, tok, tiny_model_dir, tm
                                             for t in read_text_documents(data_dir / "wiki_demo.txt")[:40]))
     corpus = load_corpus(str(folder), tok, tiny_model_dir, tmp_path / "cache", 2, show_progress=False)
     blocks = TokenBlocks(corpus.tokens, 64)
-    streamed = [b["input_ids"].tolist() for b in StreamedBlocks(str(folder), tok, 64)]
-    assert len(streamed) == len(blocks) > 50
-    assert streamed == [blocks[i]["input_ids"].tolist() for i in range(len(blocks))]
+    streamed = [b["input_ids"].tolist() for b in islice(StreamedBlocks(str(folder), tok, 64), len(blocks) + 1)]
+    assert len(blocks) > 50
+    assert streamed == [blocks[i]["input_ids"].tolist() for i in [*range(len(blocks)), 0]]
     (folder / "b.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(DataError, match=r"b.jsonl:2: field 'text'"):
         list(StreamedBlocks(str(folder), tok, 64))

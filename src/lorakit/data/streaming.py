@@ -2,15 +2,18 @@
 
 The order is the files' order (a folder's files sorted by name, then their records or documents as written),
 with no shuffling: the first batches are the cached run's examples 0, 1, 2, ... (shuffle the file beforehand
-if its order is not random). Each epoch reads the files again. HF Trainer needs --max-steps with a dataset of
-unknown length; a resumed run skips the batches already trained by reading them again. A bad record stops the
-run when it is reached (DataError naming file and line, or parquet row), or is skipped with --skip-invalid.
+if its order is not random). The stream does not end: after the last record it reads the files again, so HF
+Trainer sees one endless epoch and --max-steps (required) ends training. A resumed run skips the batches
+already trained by reading (and tokenizing) them again, which keeps the resume exact across passes. A bad
+record stops the run when it is reached (DataError naming file and line, or parquet row), or is skipped with
+--skip-invalid.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,26 @@ from lorakit.errors import DataError
 log = logging.getLogger("lorakit")
 
 
-class StreamedExamples(IterableDataset):
+class EndlessStream(IterableDataset):
+    """Pass after pass over `_one_pass()`; a pass that yields nothing is an error, not an endless loop."""
+
+    files: list[Path]
+
+    def _one_pass(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            empty = True
+            for item in self._one_pass():
+                empty = False
+                yield item
+            if empty:
+                where = self.files[0] if len(self.files) == 1 else self.files[0].parent
+                raise DataError(where, None, None, "nothing to train on in a whole pass over the data")
+
+
+class StreamedExamples(EndlessStream):
     """Instruction examples as finetune's features ({"input_ids", "labels", "attention_mask"}: lists of
     T <= cutoff_len ints), tokenized one by one as read; fully masked ones are dropped as the cache drops them."""
 
@@ -35,7 +57,7 @@ class StreamedExamples(IterableDataset):
         self.tokenizer, self.prompter, self.cutoff_len = tokenizer, prompter, cutoff_len
         self.train_on_inputs, self.add_eos_token, self.skip_invalid = train_on_inputs, add_eos_token, skip_invalid
 
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+    def _one_pass(self) -> Iterator[dict[str, list[int]]]:
         skipped: list[DataError] = []
         for file in self.files:
             for item in iter_examples(file):
@@ -53,7 +75,7 @@ class StreamedExamples(IterableDataset):
             log.warning("skipped %d invalid record(s) in this pass; first: %s", len(skipped), skipped[0])
 
 
-class StreamedBlocks(IterableDataset):
+class StreamedBlocks(EndlessStream):
     """Pre-training blocks ({"input_ids", "labels", "attention_mask"}: int64 [block_size] each), cut from the
     documents' token stream (BOS as the tokenizer adds it, EOS after each document) as it is tokenized: the
     blocks of TokenBlocks over the token cache, in order; the remainder is dropped."""
@@ -81,7 +103,7 @@ class StreamedBlocks(IterableDataset):
                             ids.append(eos)
                     yield ids
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _one_pass(self) -> Iterator[dict[str, torch.Tensor]]:
         buffer = np.zeros(0, dtype=np.int64)
         for ids in self._token_batches():
             buffer = np.concatenate([buffer, np.asarray(ids, dtype=np.int64)])
