@@ -211,3 +211,39 @@ def test_entry_complete_only_when_sizes_match(records, tok, tiny_model_dir, tmp_
     with open(cache.folder / "label_mask.bin", "r+b") as f:
         f.truncate(10)
     assert not ExampleCache.complete(cache.folder)
+
+
+def test_cli_second_run_reads_the_cache_and_streaming_options(tiny_model_dir, tiny_alpaca_json, tmp_path, caplog,
+                                                              capsys, monkeypatch):
+    from cli_helpers import run_cli
+
+    args = ["finetune", "--base-model", tiny_model_dir, "--data-path", tiny_alpaca_json, "--cutoff-len", "64",
+            "--micro-batch-size", "4", "--batch-size", "4", "--precision", "fp32", "--max-steps", "1", "--nproc", "1",
+            "--data-cache-dir", tmp_path / "cache", "--preprocessing-num-workers", "2"]
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        assert run_cli(*args, "--val-set-size", "4", "--output-dir", tmp_path / "a") == 0
+    assert "token cache miss" in caplog.text and "2 workers" in caplog.text
+    calls = []
+    real = cache_module.tokenize_in_workers
+    monkeypatch.setattr(cache_module, "tokenize_in_workers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lorakit"):  # another split and seed: the same tokens
+        assert run_cli(*args, "--val-set-size", "8", "--seed", "3", "--output-dir", tmp_path / "b") == 0
+    assert not calls and "token cache hit" in caplog.text and "nothing to tokenize" in caplog.text
+    assert "56 training / 8 validation examples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        assert run_cli(*args, "--val-set-size", "0", "--no-train-on-inputs", "--output-dir", tmp_path / "c") == 0
+    assert calls == [1] and "token cache miss" in caplog.text
+
+    at = args.index("--max-steps")
+    streaming = args[:at] + args[at + 2:] + ["--streaming"]
+    assert run_cli(*streaming, "--output-dir", tmp_path / "d") == 2
+    assert "--streaming needs --max-steps" in capsys.readouterr().err
+    assert run_cli(*streaming, "--max-steps", "1", "--output-dir", tmp_path / "d") == 2  # default val set 2000
+    assert "--streaming holds out no validation set: pass --val-set-size 0" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        assert run_cli(*streaming, "--max-steps", "1", "--val-set-size", "0", "--output-dir", tmp_path / "d") == 0
+    assert "examples are tokenized while training" in caplog.text and calls == [1]
+    assert (tmp_path / "d" / "adapter_model.safetensors").is_file()
