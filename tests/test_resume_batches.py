@@ -2,7 +2,7 @@
 an uninterrupted run trains on after that step (same examples, same order, same packing), for finetune from
 the example cache (balanced padding-free order and the plain random sampler, checkpoints in the first and the
 second epoch), for a streamed finetune, and for pretrain's blocks. And a streamed run's first batches are the
-cache's examples in file order."""
+cache's examples (finetune) or blocks (pretrain) in file order."""
 
 from __future__ import annotations
 
@@ -135,3 +135,22 @@ def test_pretrain_resumes_with_the_same_next_batches(data_dir, tiny_model_dir, t
         shutil.copytree(tmp_path / "whole" / f"checkpoint-{step}", out / f"checkpoint-{step}")
         pretrain(cfg(out, resume_from_checkpoint="last"))
         assert recorded[out.name] == whole[2 * step:], f"resumed from checkpoint-{step}"
+
+
+def test_streamed_pretrain_trains_on_the_cached_blocks_in_order(data_dir, tiny_model_dir, tmp_path, recorded):
+    from lorakit.data.blocks import TokenBlocks
+    from lorakit.data.token_cache import load_or_build as load_corpus
+    from lorakit.train.pretrain import pretrain
+    from lorakit.train.pretrain_config import PretrainConfig
+
+    text = tmp_path / "wiki.txt"
+    text.write_text((data_dir / "wiki_demo.txt").read_text(encoding="utf-8")[:20000])
+    cfg = PretrainConfig(base_model=str(tiny_model_dir), data_path=str(text), output_dir=str(tmp_path / "s"),
+                         block_size=64, batch_size=4, micro_batch_size=2, max_steps=2, warmup_steps=0,
+                         precision="fp32", modules_to_save=[], nproc="1", streaming=True, val_set_size=0)
+    cfg.validate()
+    pretrain(cfg)
+    tok = load_tokenizer(tiny_model_dir, add_pad_token=False)
+    blocks = TokenBlocks(load_corpus(str(text), tok, tiny_model_dir, tmp_path / "cache", 1, False).tokens, 64)
+    assert recorded["s"] == [blocks[i]["input_ids"].tolist() + blocks[i + 1]["input_ids"].tolist()
+                             for i in (0, 2, 4, 6)]
