@@ -30,8 +30,8 @@ class ModelOptions:
 class PromptDataOptions:
     """Instruction-data options shared by finetune, eval and preview."""
 
-    data_path: str = opt("", "instruction data: .json (array) / .jsonl with alpaca, messages or conversations records",
-                         required=True)
+    data_path: str = opt("", "instruction data: .json (array) / .jsonl / .parquet with alpaca, messages or "
+                             "conversations records, or a folder of such files", required=True)
     prompt_template: str = opt("alpaca", "alpaca, alpaca_short, alpaca_legacy, vigogne, chinese_alpaca, chat "
                                          "(the tokenizer's chat template) or a path to a JSON template")
     cutoff_len: int = opt(256, "maximum tokens per example (longer ones are truncated)")
