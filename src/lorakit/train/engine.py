@@ -107,6 +107,9 @@ def _training_args(cfg: TrainOptions, out: Path, precision: str, has_eval: bool)
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        # --streaming: each process reads the stream and keeps its share (accelerate's IterableDatasetShard);
+        # dispatching would concatenate the processes' batches, which packed rows of unequal length are not
+        accelerator_config={"dispatch_batches": False} if getattr(cfg, "streaming", False) else None,
         **fsdp_arguments(getattr(cfg, "fsdp", False)),
     )
 
