@@ -79,7 +79,7 @@ class TrainOptions(DistributedOptions):
 
 
 @dataclass
-class FinetuneConfig(TrainOptions, LoraOptions, PromptDataOptions, QuantizationOptions, ModelOptions, DataPrepOptions):
+class FinetuneConfig(DataPrepOptions, TrainOptions, LoraOptions, PromptDataOptions, QuantizationOptions, ModelOptions):
     """Everything `lorakit finetune` needs; every field is a flag and a YAML key."""
 
     def validate(self) -> None:

@@ -13,7 +13,7 @@ from lorakit.train.config import LoraOptions, TrainOptions
 
 
 @dataclass
-class PretrainConfig(ModelOptions, QuantizationOptions, LoraOptions, TrainOptions, DataPrepOptions):
+class PretrainConfig(DataPrepOptions, ModelOptions, QuantizationOptions, LoraOptions, TrainOptions):
     """Everything `lorakit pretrain` needs; every field is a flag and a YAML key."""
 
     data_path: str = opt("", "raw text: .txt (one document per non-empty line), .jsonl with `text`, or a folder "
