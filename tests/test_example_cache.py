@@ -172,6 +172,11 @@ def test_bad_records_are_reported_as_before(records, tok, tiny_model_dir, tmp_pa
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataErrors, match="junk.parquet: not a readable parquet file"):
         build(tmp_path / "junk.parquet", tok, tiny_model_dir, tmp_path / "cache")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated download
+    with pytest.raises(DataErrors, match="cut.parquet: not a readable parquet file"):
+        build(cut, tok, tiny_model_dir, tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
     with pytest.raises(DataError, match="no such data file"):
         build(tmp_path / "missing.jsonl", tok, tiny_model_dir, tmp_path / "cache")
 

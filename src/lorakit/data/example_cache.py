@@ -122,14 +122,14 @@ class ExampleCache(torch.utils.data.Dataset):
         return sizes == [tokens * np.dtype(meta["dtype"]).itemsize, tokens, 8 * (int(meta["examples"]) + 1)]
 
 
-def _valid_examples(files: list[Path], errors: list[DataError], stop: list[bool]):
-    """The valid examples of `files` in order; bad records go to `errors`. Once stop[0] is set (a bad record
-    and no --skip-invalid) the files are still read to the end, to report every error, but nothing is yielded."""
+def _valid_examples(files: list[Path], errors: list[DataError], skip_invalid: bool):
+    """The valid examples of `files` in order; bad records go to `errors`. After a bad record without
+    --skip-invalid the files are still read to the end, to report every error, but nothing more is yielded."""
     for file in files:
         for item in iter_examples(file):
             if isinstance(item, DataError):
                 errors.append(item)
-            elif not stop[0]:
+            elif skip_invalid or not errors:
                 yield item
 
 
@@ -141,8 +141,7 @@ def build(folder: Path, files: list[Path], job: dict[str, Any], inputs: dict[str
     skip_invalid = inputs["options"]["skip_invalid"]
     with building(folder, ExampleCache.complete) as tmp:
         errors: list[DataError] = []
-        stop = [False]
-        examples = _valid_examples(files, errors, stop)
+        examples = _valid_examples(files, errors, skip_invalid)
         offsets, seen, dropped, start = array("q", [0]), 0, 0, time.perf_counter()
         bar = tqdm(desc="tokenizing", unit=" examples", disable=not show_progress)
         with open(tmp / IDS_FILE, "wb") as ids_out, open(tmp / MASK_FILE, "wb") as mask_out:
@@ -153,7 +152,6 @@ def build(folder: Path, files: list[Path], job: dict[str, Any], inputs: dict[str
                 mask_out.write(result.mask.tobytes())
                 offsets.extend((offsets[-1] + np.cumsum(result.lengths)).tolist())
                 seen, dropped = seen + result.examples, dropped + result.dropped
-                stop[0] = bool(errors) and not skip_invalid
                 bar.update(result.examples)
                 bar.set_postfix_str(f"{offsets[-1] / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
         bar.close()
