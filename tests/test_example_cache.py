@@ -252,3 +252,22 @@ def test_cli_second_run_reads_the_cache_and_streaming_options(tiny_model_dir, ti
         assert run_cli(*streaming, "--max-steps", "1", "--val-set-size", "0", "--output-dir", tmp_path / "d") == 0
     assert "examples are tokenized while training" in caplog.text and calls == [1]
     assert (tmp_path / "d" / "adapter_model.safetensors").is_file()
+
+
+def test_partials_of_killed_builds_are_removed(records, tok, tiny_model_dir, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from lorakit.leftovers import host_tag
+
+    path = write(tmp_path / "data", records, "jsonl")
+    folder = build(path, tok, tiny_model_dir, tmp_path / "cache").folder
+    shutil.rmtree(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder.parent / f".{folder.name}.partial-{dead.pid}@{host_tag()}-x1"  # a build killed with SIGKILL
+    stale.mkdir()
+    (stale / "input_ids.bin").write_bytes(bytes(5000))
+    with caplog.at_level(logging.WARNING, logger="lorakit"):
+        assert build(path, tok, tiny_model_dir, tmp_path / "cache").folder == folder
+    assert not stale.exists() and "removed 1 partial output(s)" in caplog.text

@@ -33,6 +33,7 @@ import numpy as np
 
 from lorakit.data.segments import plan_segments, text_files, tokenize_segments
 from lorakit.errors import DataError, DataErrors
+from lorakit.leftovers import disk_full_as_error, partial_prefix, remove_stale_partials
 
 log = logging.getLogger("lorakit")
 FORMAT_VERSION = 1
@@ -122,12 +123,16 @@ def _raise_errors(results: list, segments: list) -> None:
 @contextmanager
 def building(folder: Path, complete: Callable[[Path], bool]) -> Iterator[Path]:
     """A hidden temporary folder beside `folder` to write a cache entry into, renamed to `folder` when the
-    block ends without an error. Removed in any case, with any parent folders this call made."""
+    block ends without an error. Removed in any case, with any parent folders this call made. Its name
+    records its owner (leftovers.py): the partials of killed runs are removed by the next build of the
+    entry, and a full disk is one line."""
     made = [d for d in (folder.parent, *folder.parent.parents) if not d.exists()]  # removed again on failure
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    remove_stale_partials(folder)  # what runs killed while building this entry left behind
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(folder.name), dir=folder.parent))
     try:
-        yield tmp
+        with disk_full_as_error(folder, tmp):
+            yield tmp
         tmp.chmod(0o755)
         try:
             tmp.rename(folder)
