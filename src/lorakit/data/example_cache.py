@@ -143,6 +143,7 @@ def build(folder: Path, files: list[Path], job: dict[str, Any], inputs: dict[str
         errors: list[DataError] = []
         examples = _valid_examples(files, errors, skip_invalid)
         offsets, seen, dropped, start = array("q", [0]), 0, 0, time.perf_counter()
+        cpu: dict[int, float] = {}  # tokenizing CPU seconds by process
         bar = tqdm(desc="tokenizing", unit=" examples", disable=not show_progress)
         with open(tmp / IDS_FILE, "wb") as ids_out, open(tmp / MASK_FILE, "wb") as mask_out:
             for result in tokenize_in_workers(batches(examples), job, workers):
@@ -152,6 +153,7 @@ def build(folder: Path, files: list[Path], job: dict[str, Any], inputs: dict[str
                 mask_out.write(result.mask.tobytes())
                 offsets.extend((offsets[-1] + np.cumsum(result.lengths)).tolist())
                 seen, dropped = seen + result.examples, dropped + result.dropped
+                cpu[result.pid] = cpu.get(result.pid, 0.0) + result.cpu_seconds
                 bar.update(result.examples)
                 bar.set_postfix_str(f"{offsets[-1] / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
         bar.close()
@@ -167,6 +169,7 @@ def build(folder: Path, files: list[Path], job: dict[str, Any], inputs: dict[str
         meta = {**inputs, "examples": len(offsets) - 1, "tokens": offsets[-1], "read": seen, "dropped": dropped,
                 "skipped": len(errors), "first_skipped": str(errors[0]) if errors else None,
                 "seconds": round(seconds, 3), "workers": workers,
+                "tokenizing_cpu_seconds": sorted((round(c, 3) for c in cpu.values()), reverse=True),
                 "examples_per_second": round(seen / seconds if seconds else 0.0),
                 "tokens_per_second": round(offsets[-1] / seconds if seconds else 0.0),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,11 +35,14 @@ class BatchResult:
     examples: int  # examples in the batch, kept or not
     dropped: int = 0  # examples whose labels were all masked (prompt at least cutoff_len long)
     error: tuple[str, int | None, str | None, str] | None = None  # a DataError's path, line, field, reason
+    pid: int = 0  # the process that tokenized the batch, and the CPU seconds it took (for benchmarks)
+    cpu_seconds: float = 0.0
 
 
 def tokenize_batch(batch: list[Example], job: dict[str, Any] | None = None) -> BatchResult:
     """Tokenize `batch` as tokenize_examples(drop_fully_masked=True) does, into flat arrays."""
     job = job or _job
+    cpu_start = time.process_time()
     ids: list[int] = []
     mask: list[int] = []
     lengths: list[int] = []
@@ -61,7 +65,7 @@ def tokenize_batch(batch: list[Example], job: dict[str, Any] | None = None) -> B
         mask += keep
         lengths.append(len(x))
     return BatchResult(np.asarray(ids, np.int64), np.asarray(mask, np.uint8), np.asarray(lengths, np.int64),
-                       len(batch), dropped)
+                       len(batch), dropped, pid=os.getpid(), cpu_seconds=time.process_time() - cpu_start)
 
 
 def batches(examples: Iterable[Example], size: int = BATCH_EXAMPLES) -> Iterator[list[Example]]:
