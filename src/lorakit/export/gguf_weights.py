@@ -50,8 +50,9 @@ class StoredTensor:
     nbytes: int
 
 
-def read_layout(path: Path) -> tuple[str, dict[str, StoredTensor]]:
-    """(general.architecture, GGUF name -> StoredTensor) of a GGUF file, from its header only."""
+def read_layout(path: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
+    """(metadata key -> value (tokenizer arrays left out), GGUF name -> StoredTensor) of a GGUF file,
+    from its header only."""
     from gguf import GGUFReader
 
     try:
@@ -59,13 +60,12 @@ def read_layout(path: Path) -> tuple[str, dict[str, StoredTensor]]:
     except Exception as e:  # noqa: BLE001 - any parse error: not a readable GGUF
         raise DamagedFileError(f"{path}: not a readable GGUF file ({e})") from None
     try:
-        arch_field = reader.get_field("general.architecture")
-        arch = str(arch_field.contents()) if arch_field is not None else ""
+        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
         tensors = {t.name: StoredTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                                         int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
     finally:
         del reader  # unmaps the file (nothing above keeps a view of it)
-    return arch, tensors
+    return fields, tensors
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -86,7 +86,8 @@ class GGUFWeights:
         self.path = Path(path)
         self.config = config_dict(config)
         self.family = family or family_of_config(self.config, str(self.path))
-        self.arch, self.tensors = read_layout(self.path)
+        self.fields, self.tensors = read_layout(self.path)
+        self.arch = str(self.fields.get("general.architecture", ""))
         if self.arch != self.family.gguf_arch:
             raise MismatchError(f"{self.path}: general.architecture is {self.arch!r}, a {self.family.name} model "
                                 f"is written as {self.family.gguf_arch!r}")
