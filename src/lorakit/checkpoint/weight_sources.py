@@ -2,8 +2,10 @@
 under Hugging Face names and in HF layout (`checkpoint/layerwise.py`'s `WeightSource`).
 
 - `PthWeights`: a Meta `consolidated.NN.pth` folder (`export --format pth`, `merge --output-type pth`),
-  each shard opened with torch.load(mmap=True), so a tensor is read from disk when asked for and
-  nothing else is held resident.
+  each shard opened with torch.load(mmap=True), so a tensor is read from disk when asked for. A mapped
+  file's touched pages count as resident memory until it is unmapped, so the shards are re-opened
+  (and the previous mapping dropped) whenever a tensor of another layer is asked for: what stays
+  resident is about one layer, not the model.
 - `interleaved_to_half_rows`: the rows of a q/k projection from Meta's / llama.cpp's interleaved rotary
   layout back to HF's half-split one. It is written independently of the writers' permutation
   (`layout.hf_to_meta_rows`): an explicit row index, so that a verification does not share the writer's
@@ -71,7 +73,6 @@ class PthWeights:
     HF checkpoint ties it to the embeddings."""
 
     def __init__(self, folder: str | Path, config: Any):
-        import torch
 
         self.folder = Path(folder)
         self.config = config_dict(config)
@@ -79,8 +80,9 @@ class PthWeights:
         if not self.files or not (self.folder / "params.json").is_file():
             raise ModelNotFoundError(str(self.folder), [f"params.json and consolidated.*.pth in {self.folder}"])
         self.params = json.loads((self.folder / "params.json").read_text())
-        # mmap=True: torch maps each file and reads a tensor's bytes only when it is used
-        self._shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in self.files]
+        self._group: str | None = None  # the layer (or "" for the other tensors) whose mapping is open
+        self._shards: list[dict[str, torch.Tensor]] = []
+        self._open("")
         self._by_hf: dict[str, tuple[str, TensorRule]] = {}
         for name in self._shards[0]:
             if name.endswith("rope.freqs"):
@@ -94,16 +96,28 @@ class PthWeights:
             if set(shard) != set(self._shards[0]):
                 raise MismatchError(f"{f}: not the same tensors as {self.files[0].name}")
 
+    def _open(self, group: str) -> None:
+        """Map every shard anew (dropping the previous mappings and their resident pages)."""
+        import torch
+
+        if group != self._group:
+            self._shards = []
+            # mmap=True: torch maps each file and reads a tensor's bytes only when it is used
+            self._shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in self.files]
+            self._group = group
+
     def names(self) -> Iterator[str]:
         return iter(self._by_hf)
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor `name` in HF layout (the stored dtype), read from the shard files now."""
+        """Tensor `name` in HF layout (the stored dtype; a copy, not a view of the mapped file)."""
         import torch
 
         if name not in self._by_hf:
             raise KeyError(f"{self.folder}: no tensor for {name}")
         meta, rule = self._by_hf[name]
+        layer = re.match(r"layers\.(\d+)\.", meta)
+        self._open(layer.group(1) if layer else "")
         parts = [shard[meta] for shard in self._shards]
         split = rule.meta_split
         w = parts[0].clone() if split is None or len(parts) == 1 else torch.cat(parts, dim=split)
@@ -111,4 +125,4 @@ class PthWeights:
         return interleaved_to_half_rows(w, heads) if heads else w
 
     def close(self) -> None:
-        self._shards = []
+        self._shards, self._group = [], None

@@ -64,11 +64,11 @@ def verify_gguf_layerwise(src: Path, gguf: Path, dtype: str) -> VerifyResult:
     reference = FolderSource(src)
     try:
         if dtype in QUANT_TYPES:
-            errors = WeightErrors(written, reference)
+            errors = WeightErrors(written, reference, QUANT_TYPES[dtype].tolerance, what)
             # stored type "q8_0" names the family of block types; both tolerances are given explicitly
             result = verify_layerwise(what, config, reference, errors, "q8_0", _vocab_rows(reference),
                                       relative=QUANT_LAYER_TOLERANCE[dtype], logit_relative=LOGIT_TOLERANCE)
-            result.weight_error = errors.check(QUANT_TYPES[dtype].tolerance, what)  # type: ignore[attr-defined]
+            result.weight_error = errors.worst()  # type: ignore[attr-defined]
         else:
             result = verify_layerwise(what, config, reference, written, dtype, _vocab_rows(reference))
     finally:
@@ -145,11 +145,12 @@ def llamacpp_accepts(gguf: Path, what: str) -> None:
 
 
 class WeightErrors:
-    """A WeightSource passing `written` through, recording each tensor's relative error against the same
-    tensor of `reference` (read again, compared ROWS_PER_STEP rows at a time in fp32)."""
+    """A WeightSource passing `written` through that checks each tensor's relative error against the same
+    tensor of `reference` (read again, compared ROWS_PER_STEP rows at a time in fp32) as it is read:
+    VerificationError naming the weight above `tolerance`."""
 
-    def __init__(self, written: GGUFWeights, reference: FolderSource):
-        self.written, self.reference = written, reference
+    def __init__(self, written: GGUFWeights, reference: FolderSource, tolerance: float, what: str):
+        self.written, self.reference, self.tolerance, self.what = written, reference, tolerance, what
         self.errors: dict[str, float] = {}
 
     def names(self):
@@ -159,16 +160,16 @@ class WeightErrors:
         w = self.written.get(name)
         ref_name = name if name in self.reference.folder else "model.embed_tokens.weight"
         if name not in self.errors and ref_name in self.reference.folder:
-            self.errors[name] = relative_error(w, self.reference.get(ref_name))
+            error = self.errors[name] = relative_error(w, self.reference.get(ref_name))
+            if not error <= self.tolerance:
+                raise VerificationError(f"{self.what}: verification FAILED: weight {name} differs from the source "
+                                        f"by {error:.3f} (relative; tolerance {self.tolerance})")
         return w
 
-    def check(self, tolerance: float, what: str) -> float:
-        """The largest error (logged); VerificationError naming the weight when above `tolerance`."""
+    def worst(self) -> float:
+        """The largest error seen (logged)."""
         worst = max(self.errors, key=self.errors.__getitem__)
-        if not self.errors[worst] <= tolerance:
-            raise VerificationError(f"{what}: verification FAILED: weight {worst} differs from the source by "
-                                    f"{self.errors[worst]:.3f} (relative; tolerance {tolerance})")
-        log.info("%s: largest relative weight rounding %.4f (%s)", what, self.errors[worst], worst)
+        log.info("%s: largest relative weight rounding %.4f (%s)", self.what, self.errors[worst], worst)
         return self.errors[worst]
 
 
