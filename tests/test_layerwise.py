@@ -148,3 +148,24 @@ def test_missing_tensor_or_wrong_shape_is_one_clear_error(models):
     state = _state(model)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:-1]
     assert "has shape" in _fails(model, state)
+
+
+@pytest.mark.parametrize("case", ["llama2", "qwen2", "gemma3"])
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_verified_merge_passes_per_family(models, tmp_path, case, dtype):
+    """`merge` with its default check: base + an all-linear adapter (and a second one) pass in bf16/f32."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.merge.run import merge_model
+
+    model = models[case]
+    model.save_pretrained(tmp_path / "base")
+    adapters = []
+    for seed, targets in ((1, "all-linear"), (2, ["q_proj", "down_proj"])):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(_model(case), LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                             init_lora_weights=False))
+        peft_model.save_pretrained(tmp_path / f"a{seed}")
+        adapters.append(str(tmp_path / f"a{seed}"))
+    result = merge_model(str(tmp_path / "base"), adapters, tmp_path / "out", dtype=dtype)
+    assert result.verify.max_abs_diff <= result.verify.tolerance and result.verify.argmax_agreement > 0.9
