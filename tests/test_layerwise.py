@@ -169,3 +169,48 @@ def test_verified_merge_passes_per_family(models, tmp_path, case, dtype):
         adapters.append(str(tmp_path / f"a{seed}"))
     result = merge_model(str(tmp_path / "base"), adapters, tmp_path / "out", dtype=dtype)
     assert result.verify.max_abs_diff <= result.verify.tolerance and result.verify.argmax_agreement > 0.9
+
+
+_PEAK_SCRIPT = """
+import json, sys
+from lorakit.checkpoint.layerwise import FolderSource, verify_layerwise
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+small = json.load(open(sys.argv[2] + "/config.json"))  # a 1-layer model: code paths, not memory
+verify_layerwise("warm-up", small, FolderSource(sys.argv[2]), FolderSource(sys.argv[2]), "f32")
+config = json.load(open(sys.argv[1] + "/config.json"))
+before = rss("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+verify_layerwise("model", config, FolderSource(sys.argv[1]), FolderSource(sys.argv[1]), "f32")
+print(json.dumps({"before": before, "peak": rss("VmHWM:")}))
+"""
+
+
+def test_memory_is_a_few_layers_not_the_model(tmp_path):
+    """An 8-layer model (~16 MB per layer in fp32): the check's peak above its baseline is about two
+    layers, not the model's 8 layers (peak RSS of a subprocess, reset before the measured check)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=2000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    LlamaForCausalLM(LlamaConfig(vocab_size=2000, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "s")
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "m")
+    layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    total = sum(p.numel() for p in model.parameters()) * 4
+    del model
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "m"), str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    above = got["peak"] - got["before"]
+    assert 0.5 * layer <= above <= 2 * layer, (f"{above / 2**20:.1f} MB above the baseline; one layer "
+                                               f"{layer / 2**20:.1f} MB, the model {total / 2**20:.1f} MB")

@@ -156,7 +156,8 @@ def _check(where: str, ref: torch.Tensor, got: torch.Tensor, relative: float, wh
 
 
 def _run_layer(layer, hidden: torch.Tensor, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-    """Run one decoder layer; return its output and its attention and MLP sub-module outputs."""
+    """Run one decoder layer, then free its weights; return its output and its attention and MLP
+    sub-module outputs."""
     import torch
 
     seen: dict[str, torch.Tensor] = {}
@@ -173,6 +174,7 @@ def _run_layer(layer, hidden: torch.Tensor, args: tuple, kwargs: dict) -> dict[s
     finally:
         for h in hooks:
             h.remove()
+        layer.to("meta")  # free its weights now (the module sits in reference cycles until a gc)
     seen["output"] = out[0] if isinstance(out, tuple) else out
     return seen
 
