@@ -73,7 +73,7 @@ def test_correct_model_passes_and_the_pass_computes_the_models_logits(models, ca
     result = verify_layerwise("tiny", model.config, DictSource(state), DictSource(bf16), "bf16")
     assert result.max_abs_diff <= result.tolerance and result.argmax_agreement > 0.9
     # the layer walk reproduced the model's own forward pass (masks, rotary, embedding scale)
-    ids = probe_ids(VOCAB)
+    ids = probe_ids(VOCAB, n=1, length=layerwise.PROBE_LENGTH)
     with torch.inference_mode():
         want = model(input_ids=ids).logits
         inner = model.get_decoder()

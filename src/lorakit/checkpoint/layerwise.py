@@ -39,6 +39,10 @@ EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
 # Qwen3 and Gemma 3 models (f32 -> bf16: 5e-3..7.3e-3 of the scale, f16: 6e-4..1e-3; f32: < 1e-6); a
 # dropped adapter delta 5% of its weight's size gives > 3e-2, a swapped or row-shuffled weight ~1.
 LAYER_TOLERANCE = {"f32": 1e-4, "f16": 4e-3, "bf16": 2e-2, "q8_0": 6e-2}
+# Positions run through each layer: one row of fixed random ids. The compute of a check is about
+# 2 x params x tokens x 2 flops (a 7B model: 0.9 TFLOP at 16 tokens); every weight is exercised by
+# 16 different inputs and the rotary angles of 16 positions (more than a tiny test's sliding window).
+PROBE_LENGTH = 16
 # Rows of the head (or embeddings) converted to fp32 at a time: 4096 rows x 4096 x 4 bytes = 64 MB.
 CHUNK_ROWS = 4096
 
@@ -123,17 +127,28 @@ def _layer_arguments(inner, hidden: torch.Tensor) -> list[tuple[tuple, dict]]:
     return calls
 
 
-def _materialize(module, prefix: str, source: WeightSource, side: str):
-    """A copy of meta `module` holding `source`'s tensors `prefix + key` in fp32."""
+def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dict | None = None):
+    """A copy of meta `module` holding `source`'s tensors `prefix + key` in fp32, copied into the
+    buffers of `pool` (by key; reused from layer to layer: fresh memory for every layer costs page
+    faults that took as long as the check itself)."""
     import torch
 
     copy_ = copy.deepcopy(module)
     state = {}
+    pool = {} if pool is None else pool
     for key in module.state_dict():
         try:
-            state[key] = source.get(prefix + key).to(torch.float32)
+            w = source.get(prefix + key)
         except KeyError:
             raise VerificationError(f"the {side} model has no tensor {prefix + key}") from None
+        if w.dtype == torch.float32:  # already a tensor of its own in fp32 (a computed reference)
+            state[key] = w
+            continue
+        buf = pool.get(key)
+        if buf is None or buf.shape != w.shape:
+            buf = pool[key] = torch.empty(w.shape, dtype=torch.float32)
+        state[key] = buf.copy_(w)
+        del w
     copy_.load_state_dict(state, assign=True, strict=True)
     return copy_
 
@@ -215,7 +230,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
     model = skeleton(config)
     inner, prefix = _inner(model)
     cfg = model.config
-    ids = probe_ids(vocab_size or cfg.vocab_size)
+    ids = probe_ids(vocab_size or cfg.vocab_size, n=1, length=PROBE_LENGTH)
 
     embed_name = prefix + EMBED
     ref_embed = _compare_embeddings(reference, written, embed_name, relative, what)
@@ -227,11 +242,11 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
         hidden = embed(inverse)  # [n, length, hidden], scaled as the model scales it (Gemma)
     calls = _layer_arguments(inner, hidden)
 
-    worst = 0.0
+    worst, pool = 0.0, {}
     for i, (layer, (args, kwargs)) in enumerate(zip(inner.layers, calls, strict=True)):
         layer_prefix = f"{prefix}layers.{i}."
-        ref = _run_layer(_materialize(layer, layer_prefix, reference, "reference"), hidden, args, kwargs)
-        got = _run_layer(_materialize(layer, layer_prefix, written, "written"), hidden, args, kwargs)
+        ref = _run_layer(_materialize(layer, layer_prefix, reference, "reference", pool), hidden, args, kwargs)
+        got = _run_layer(_materialize(layer, layer_prefix, written, "written", pool), hidden, args, kwargs)
         for part, label in (("self_attn", "attention output"), ("mlp", "mlp output")):
             if part in ref:
                 worst = max(worst, _check(f"layer {i} {label}", ref[part], got.get(part, ref[part] * 0),

@@ -4,7 +4,8 @@ from the merge's own arithmetic (streaming.py).
 `MergeReference` is a `checkpoint.layerwise.WeightSource`: `get(name)` reads the base tensor and, for
 each adapter in order, takes its saved copy (modules_to_save, trainable tokens, a replaced base layer)
 or adds its whole LoRA update scale * B @ A (transposed for embeddings and fan_in_fan_out layers) in
-fp32, in one dense product (no row blocks, no reused buffers, no output cast, no merge plan). Tied
+fp32, in one product over the whole matrix (no row blocks, no reused buffers, no output cast, no merge
+plan). Tied
 embeddings follow PEFT's forward pass: while no adapter changes embed_tokens or lm_head on its own, the
 head is the (updated) embedding matrix; from the first adapter that does, the head starts as the shared
 matrix as it was then and takes only its own updates.
@@ -66,12 +67,11 @@ class MergeReference:
             if key in a.lora:
                 pair = a.lora[key]
                 lora_a, lora_b = a.tensor(pair.a_key).to(torch.float32), a.tensor(pair.b_key).to(torch.float32)
-                delta = lora_b @ lora_a  # [out, in], or [dim, vocab] for an embedding
-                if pair.embedding or pair.fan_in_fan_out:
-                    delta = delta.T
                 w = w.to(torch.float32, copy=True)  # never in place into a tensor the reader may share
-                w.add_(delta, alpha=pair.scale)
-                del delta
+                if pair.embedding or pair.fan_in_fan_out:  # delta (B @ A)^T = A^T @ B^T
+                    w.addmm_(lora_a.T, lora_b.T, alpha=pair.scale)
+                else:  # delta B @ A: [out, r] @ [r, in]
+                    w.addmm_(lora_b, lora_a, alpha=pair.scale)
         return w
 
     def close(self) -> None:
