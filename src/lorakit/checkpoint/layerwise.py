@@ -129,8 +129,9 @@ def _layer_arguments(inner, hidden: torch.Tensor) -> list[tuple[tuple, dict]]:
 
 def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dict | None = None):
     """A copy of meta `module` holding `source`'s tensors `prefix + key` in fp32, copied into the
-    buffers of `pool` (by key; reused from layer to layer: fresh memory for every layer costs page
-    faults that took as long as the check itself)."""
+    buffers of `pool` (by key; reused from layer to layer and by both sides, which run one after the
+    other: one layer of fp32 buffers in all, and no fresh memory per layer, whose page faults took as
+    long as the check itself)."""
     import torch
 
     copy_ = copy.deepcopy(module)
@@ -141,9 +142,6 @@ def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dic
             w = source.get(prefix + key)
         except KeyError:
             raise VerificationError(f"the {side} model has no tensor {prefix + key}") from None
-        if w.dtype == torch.float32:  # already a tensor of its own in fp32 (a computed reference)
-            state[key] = w
-            continue
         buf = pool.get(key)
         if buf is None or buf.shape != w.shape:
             buf = pool[key] = torch.empty(w.shape, dtype=torch.float32)
@@ -257,6 +255,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
         del ref, got
         log.debug("%s: layer %d verified", what, i)
 
+    pool.clear()
     result = _compare_head(model, inner, prefix, hidden, reference, written, logit_relative, what)
     log.info("%s: verified layer by layer (worst layer difference %.3g of its scale): %s", what, worst,
              result.summary())
