@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--workdir", default=None, help="where the temporary files go (default: the system's temp)")
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--unverified", action="store_true", help="also time `merge --no-verify` (the check's share)")
     args = ap.parse_args()
 
     model_bytes = sum(math.prod(s) * 2 for s in tensor_shapes(args.shape).values())
@@ -117,6 +118,11 @@ def main() -> None:
         s, gb = measure(lorakit("merge", "--base-model", str(base), "--lora-model", str(adapter),
                                 "--output-dir", str(merged)))
         rows.append(("lorakit merge (verified)", s, gb))
+        if args.unverified:
+            s, gb = measure(lorakit("merge", "--base-model", str(base), "--lora-model", str(adapter),
+                                    "--output-dir", str(root / "unverified"), "--no-verify"))
+            rows.append(("lorakit merge --no-verify", s, gb))
+            shutil.rmtree(root / "unverified")
         if not args.skip_export:
             subprocess.run(["sync"], check=True)
             s, gb = measure(lorakit("export", "--model", str(merged), "--format", "gguf", "--dtype", "bf16",

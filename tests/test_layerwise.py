@@ -218,3 +218,24 @@ def test_memory_is_a_few_layers_not_the_model(tmp_path):
     above = got["peak"] - got["before"]
     assert 0.5 * layer <= above <= 2 * layer, (f"{above / 2**20:.1f} MB above the baseline; one layer "
                                                f"{layer / 2**20:.1f} MB, the model {total / 2**20:.1f} MB")
+
+
+def test_verified_merge_of_a_mixed_precision_base(models, tmp_path):
+    """bf16 weights with fp32 norms (as many checkpoints ship): the tolerance is the bf16 one, whatever
+    tensor comes first."""
+    from safetensors.torch import save_file
+
+    from lorakit.merge.run import merge_model
+
+    model = models["llama2"]
+    model.save_pretrained(tmp_path / "base")
+    state = {k: v if "norm" in k else v.to(torch.bfloat16) for k, v in _state(model).items()}
+    state["lm_head.weight"] = state["lm_head.weight"].float()  # the first tensor in name order
+    save_file(state, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    get_peft_model(_model("llama2"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False)).save_pretrained(tmp_path / "a")
+    result = merge_model(str(tmp_path / "base"), [str(tmp_path / "a")], tmp_path / "out")
+    assert result.verify.max_abs_diff <= result.verify.tolerance

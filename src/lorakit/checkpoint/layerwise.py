@@ -151,16 +151,11 @@ def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dic
     return copy_
 
 
-def _relative(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """(max |got - ref|, max |ref|)."""
-    return float((got - ref).abs().max()), float(ref.abs().max())
-
-
 def _check(where: str, ref: torch.Tensor, got: torch.Tensor, relative: float, what: str) -> float:
     """Raise VerificationError naming `where` when got differs from ref by more than relative * scale."""
     if got.shape != ref.shape:
         raise VerificationError(f"{what}: {where}: shape {list(got.shape)} != reference {list(ref.shape)}")
-    diff, scale = _relative(ref, got)
+    diff, scale = float((got - ref).abs().max()), float(ref.abs().max())
     tol = relative * max(scale, 1e-6)
     if not diff <= tol:  # NaN fails too
         raise VerificationError(f"{what}: verification FAILED: {where} differs: max |diff| {diff:.3g} "
@@ -221,6 +216,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
     layer contributions (default LAYER_TOLERANCE), `logit_relative` for the logits (default the same) on
     fixed probe ids drawn from `vocab_size` rows (default the config's)."""
     import torch
+    from tqdm import tqdm
 
     kind = stored_type(weight_type).name
     relative = LAYER_TOLERANCE.get(kind, 1e-1) if relative is None else relative
@@ -241,7 +237,8 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
     calls = _layer_arguments(inner, hidden)
 
     worst, pool = 0.0, {}
-    for i, (layer, (args, kwargs)) in enumerate(zip(inner.layers, calls, strict=True)):
+    steps = tqdm(zip(inner.layers, calls, strict=True), total=len(calls), desc="verifying", unit="layer", leave=False)
+    for i, (layer, (args, kwargs)) in enumerate(steps):
         layer_prefix = f"{prefix}layers.{i}."
         ref = _run_layer(_materialize(layer, layer_prefix, reference, "reference", pool), hidden, args, kwargs)
         got = _run_layer(_materialize(layer, layer_prefix, written, "written", pool), hidden, args, kwargs)
@@ -253,7 +250,6 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
                                   relative, what))
         hidden = ref["output"]
         del ref, got
-        log.debug("%s: layer %d verified", what, i)
 
     pool.clear()
     result = _compare_head(model, inner, prefix, hidden, reference, written, logit_relative, what)
@@ -263,8 +259,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
 
 
 def _head_name(source: WeightSource, prefix: str) -> str:
-    names = set(source.names())
-    return HEAD if HEAD in names else prefix + EMBED
+    return HEAD if HEAD in set(source.names()) else prefix + EMBED
 
 
 def _compare_head(model, inner, prefix: str, hidden: torch.Tensor, reference: WeightSource,

@@ -84,8 +84,10 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
                 copy_tokenizer(tok_source, tmp)
             result = AdapterMergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
+                stored = {t.dtype for t in plan.tensors}  # tolerance of the least precise type written
+                loosest = next((d for d in ("BF16", "F16", "F32") if d in stored), plan.tensors[0].dtype)
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
-                                             plan.tensors[0].dtype, plan.vocab_size, plan.config)
+                                             loosest, plan.vocab_size, plan.config)
     finally:
         plan.close()
     result.seconds = time.perf_counter() - start
