@@ -109,6 +109,33 @@ def test_quantized_tensors_read_in_chunks_equal_gguf_py_whole(family, tmp_path, 
     assert "Q4_0" in {t.tensor_type.name for t in GGUFReader(str(out)).tensors}
 
 
+def test_header_reader_agrees_with_gguf_py(family, tmp_path):
+    """The header read without a memory map (gguf_header.py) gives gguf-py's GGUFReader's keys, values,
+    tensor types, shapes and offsets; a truncated file is refused in one line."""
+    from gguf import GGUFReader
+
+    from lorakit.errors import DamagedFileError
+    from lorakit.export.gguf_header import read_layout
+
+    src = family("gemma3")
+    out = tmp_path / "m.gguf"
+    write_gguf(src, out, "q8_0")
+    fields, tensors = read_layout(out)
+    reader = GGUFReader(str(out))
+    skip = ("tokenizer.ggml.", "GGUF.")
+    assert fields == {k: f.contents() for k, f in reader.fields.items() if not k.startswith(skip)}
+    assert "tokenizer.chat_template" in fields or "general.architecture" in fields
+    assert len(tensors) == len(reader.tensors)
+    for t in reader.tensors:
+        s = tensors[t.name]
+        assert (s.qtype, s.shape, s.offset, s.nbytes) == (t.tensor_type, tuple(reversed(t.shape.tolist())),
+                                                           t.data_offset, t.n_bytes)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size - 100])
+    with pytest.raises(DamagedFileError, match="truncated"):
+        read_layout(cut)
+
+
 def test_the_file_is_not_left_mapped(family, tmp_path):
     """Bounded memory: a mapped file's touched pages would count as resident; nothing keeps it mapped."""
     src = family("qwen2")

@@ -2,9 +2,9 @@
 
 The `WeightSource` of `export --verify` (checkpoint/layerwise.py) for every GGUF type lorakit writes:
 f32/f16/bf16/q8_0 (export/gguf_writer.py) and llama.cpp's quantizations of them (export/quantize.py).
-gguf-py's GGUFReader parses the header (names, types, shapes, byte offsets) once; the reader and its
-memory map are then dropped, and each tensor is read with os.preadv straight into its own buffer, so
-only the tensor asked for is ever resident (a mapped file's touched pages would count as resident
+The header (names, types, shapes, byte offsets) is read once without mapping the file (gguf_header.py),
+and each tensor is read with os.preadv straight into its own buffer, so only the tensor asked for is
+ever resident (a mapped file's touched pages would count as resident
 memory: a 7B file is 4-13 GB). Block-quantized tensors are dequantized by gguf-py (independently of
 llama.cpp) in chunks of rows.
 
@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.checkpoint.weight_sources import config_dict, interleaved_to_half_rows, rotary_heads_of
 from lorakit.errors import DamagedFileError, MismatchError
+from lorakit.export.gguf_header import StoredTensor, read_layout
 from lorakit.models.families import Family, family_of_config
 from lorakit.models.layout import TensorRule
 
@@ -39,42 +39,13 @@ ROPE_FREQS = "rope_freqs.weight"
 CHUNK_ELEMENTS = 4 << 20
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor lies in the file: its GGML type, HF-order shape (rows first) and byte range."""
-
-    name: str
-    qtype: Any  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-def read_layout(path: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
-    """(metadata key -> value (tokenizer arrays left out), GGUF name -> StoredTensor) of a GGUF file,
-    from its header only."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse error: not a readable GGUF
-        raise DamagedFileError(f"{path}: not a readable GGUF file ({e})") from None
-    try:
-        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-        tensors = {t.name: StoredTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
-                                        int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
-    finally:
-        del reader  # unmaps the file (nothing above keeps a view of it)
-    return fields, tensors
-
-
-def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     view = memoryview(buf).cast("B")
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise DamagedFileError(f"GGUF truncated: {len(view) - done} bytes missing at offset {offset + done}")
+            raise DamagedFileError(path, f"truncated: {len(view) - done} bytes missing at offset {offset + done}")
         done += n
 
 
@@ -138,13 +109,13 @@ class GGUFWeights:
             if stored.qtype in plain:
                 np_type, view_as = plain[stored.qtype]
                 buf = np.empty(stored.shape, dtype=np_type)
-                _pread_into(fd, buf, stored.offset)
+                _pread_into(fd, buf, stored.offset, self.path)
                 t = torch.from_numpy(buf)
                 return t.view(view_as) if view_as is not None else t
             block, type_size = GGML_QUANT_SIZES[stored.qtype]
             cols = stored.shape[-1]
             if cols % block:
-                raise DamagedFileError(f"{self.path}: {stored.name} rows of {cols} are not whole {block}-blocks")
+                raise DamagedFileError(self.path, f"{stored.name}: rows of {cols} are not whole {block}-blocks")
             row_bytes = cols // block * type_size
             rows = stored.nbytes // row_bytes
             out = torch.empty((rows, cols), dtype=torch.float32)
@@ -152,7 +123,7 @@ class GGUFWeights:
             for start in range(0, rows, step):
                 n = min(step, rows - start)
                 raw = np.empty((n, row_bytes), dtype=np.uint8)
-                _pread_into(fd, raw, stored.offset + start * row_bytes)
+                _pread_into(fd, raw, stored.offset + start * row_bytes, self.path)
                 out[start:start + n] = torch.from_numpy(_dequantize(raw, stored.qtype).reshape(n, cols))
             return out.reshape(stored.shape)
 

@@ -64,9 +64,10 @@ def verify_gguf_layerwise(src: Path, gguf: Path, dtype: str) -> VerifyResult:
     reference = FolderSource(src)
     try:
         if dtype in QUANT_TYPES:
-            errors = WeightErrors(written, reference, QUANT_TYPES[dtype].tolerance, what)
+            last = LastRead(reference)
+            errors = WeightErrors(written, last, QUANT_TYPES[dtype].tolerance, what)
             # stored type "q8_0" names the family of block types; both tolerances are given explicitly
-            result = verify_layerwise(what, config, reference, errors, "q8_0", _vocab_rows(reference),
+            result = verify_layerwise(what, config, last, errors, "q8_0", _vocab_rows(reference),
                                       relative=QUANT_LAYER_TOLERANCE[dtype], logit_relative=LOGIT_TOLERANCE)
             result.weight_error = errors.worst()  # type: ignore[attr-defined]
         else:
@@ -144,12 +145,34 @@ def llamacpp_accepts(gguf: Path, what: str) -> None:
     lc.llama_model_free(model)
 
 
+class LastRead:
+    """The reference source, keeping the tensor it handed out last: the layer walk reads each reference
+    tensor just before the written one, so the per-weight check finds the embeddings and the head there
+    instead of holding a second copy of them."""
+
+    def __init__(self, reference: FolderSource):
+        self.reference, self.folder = reference, reference.folder
+        self.last: tuple[str, torch.Tensor] | None = None
+
+    def names(self):
+        return self.reference.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        self.last = None  # dropped before the next one is read
+        self.last = (name, self.reference.get(name))
+        return self.last[1]
+
+    def peek(self, name: str) -> torch.Tensor:
+        """Tensor `name`: the one read last if it is that one, else read now (and not kept)."""
+        return self.last[1] if self.last is not None and self.last[0] == name else self.reference.get(name)
+
+
 class WeightErrors:
     """A WeightSource passing `written` through that checks each tensor's relative error against the same
     tensor of `reference` (read again, compared ROWS_PER_STEP rows at a time in fp32) as it is read:
     VerificationError naming the weight above `tolerance`."""
 
-    def __init__(self, written: GGUFWeights, reference: FolderSource, tolerance: float, what: str):
+    def __init__(self, written: GGUFWeights, reference: LastRead, tolerance: float, what: str):
         self.written, self.reference, self.tolerance, self.what = written, reference, tolerance, what
         self.errors: dict[str, float] = {}
 
@@ -160,7 +183,7 @@ class WeightErrors:
         w = self.written.get(name)
         ref_name = name if name in self.reference.folder else "model.embed_tokens.weight"
         if name not in self.errors and ref_name in self.reference.folder:
-            error = self.errors[name] = relative_error(w, self.reference.get(ref_name))
+            error = self.errors[name] = relative_error(w, self.reference.peek(ref_name))
             if not error <= self.tolerance:
                 raise VerificationError(f"{self.what}: verification FAILED: weight {name} differs from the source "
                                         f"by {error:.3f} (relative; tolerance {self.tolerance})")

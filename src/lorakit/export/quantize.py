@@ -143,14 +143,3 @@ def write_quantized(model_dir: Path, out: Path, qtype: str, imatrix: Path | None
         quantize_gguf(tmp, out, qtype, imatrix)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def verify_quantized(model_dir: Path, gguf: Path, qtype: str):
-    """Each weight of the file, dequantized by the `gguf` package (independently of llama.cpp) and put back
-    in HF layout, is within the type's rounding of the source weight (relative error; a wrong layout or
-    tensor gives ~1.4), and each decoder layer of the file computes what the source's does within the
-    type's tolerance, one layer at a time (export/layerwise_verify.py). The loss of quality from the
-    rounding itself is measured by perplexity (benchmarks/gguf_quality.py)."""
-    from lorakit.export.layerwise_verify import verify_gguf_layerwise
-
-    return verify_gguf_layerwise(model_dir, gguf, qtype)

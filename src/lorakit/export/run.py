@@ -26,7 +26,7 @@ def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", v
                  overwrite: bool = False, imatrix: str | Path | None = None) -> ExportResult:
     """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically, with its
     weights as `dtype` (precision.WEIGHT_TYPES: f32, f16, bf16; q8_0 for GGUF). Quantized GGUF types
-    (export/quantize.py) are made by llama.cpp from an f16/bf16 GGUF and verified through it."""
+    (export/quantize.py) are made by llama.cpp from an f16/bf16 GGUF; every type is verified layer by layer."""
     from lorakit.checkpoint.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
     from lorakit.export.quantize import is_quant_type
     from lorakit.models import resolve_model_dir
@@ -36,12 +36,12 @@ def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", v
     out = Path(output).expanduser()
     result = ExportResult(out, 0.0)
     if fmt == "gguf" and is_quant_type(dtype):
-        from lorakit.export.quantize import verify_quantized, write_quantized
+        from lorakit.export.quantize import write_quantized
 
         with atomic_file(out, overwrite) as tmp:
             write_quantized(src, tmp, dtype, Path(imatrix) if imatrix else None)
             if verify:
-                result.verify = verify_quantized(src, tmp, dtype)
+                result.verify = verify_gguf(src, tmp, dtype)
     elif fmt == "gguf":
         from lorakit.export.gguf_writer import write_gguf
 
@@ -78,8 +78,9 @@ def _vocab_rows(src: Path) -> int:
 
 
 def verify_gguf(src: Path, gguf_file: Path, dtype: str) -> VerifyResult:
-    """The written GGUF, read back tensor by tensor, against the source HF model, one decoder layer at a
-    time (bounded memory, any model size; export/layerwise_verify.py)."""
+    """The written GGUF (any type, llama.cpp's quantizations included), read back tensor by tensor, against
+    the source HF model, one decoder layer at a time (bounded memory, any model size;
+    export/layerwise_verify.py)."""
     from lorakit.export.layerwise_verify import verify_gguf_layerwise
 
     return verify_gguf_layerwise(src, gguf_file, dtype)
