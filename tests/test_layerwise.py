@@ -239,3 +239,15 @@ def test_verified_merge_of_a_mixed_precision_base(models, tmp_path):
                                                 init_lora_weights=False)).save_pretrained(tmp_path / "a")
     result = merge_model(str(tmp_path / "base"), [str(tmp_path / "a")], tmp_path / "out")
     assert result.verify.max_abs_diff <= result.verify.tolerance
+
+
+def test_verified_pth_merge_of_a_tied_model(tmp_path):
+    """Meta's pth format always has its own output matrix: the tied reference head (the embeddings) and
+    the written `output.weight` are compared as the same head."""
+    from lorakit.merge.run import merge_model
+    from tiny_models import make_tiny_adapter, make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", tie_word_embeddings=True)
+    adapter = make_tiny_adapter(base, tmp_path / "a", targets=("q_proj", "k_proj", "down_proj"))
+    result = merge_model(str(base), [str(adapter)], tmp_path / "out", output_type="pth")
+    assert result.verify.max_abs_diff <= result.verify.tolerance and result.verify.argmax_agreement == 1.0

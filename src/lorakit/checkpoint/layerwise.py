@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lorakit.checkpoint.skeleton import decoder_stack, layer_arguments, skeleton
 from lorakit.checkpoint.verify import VerificationError, VerifyResult, probe_ids
 from lorakit.precision import weight_type as stored_type
 
@@ -77,54 +78,6 @@ class FolderSource:
 
     def close(self) -> None:
         self.folder.close()
-
-
-def skeleton(config: PretrainedConfig | dict[str, Any]):
-    """The causal-LM model of `config` with every parameter on the `meta` device (buffers such as
-    rotary frequencies and Gemma's embedding scale are real: they are computed, not stored)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if isinstance(config, dict):
-        fields = {k: v for k, v in config.items() if k != "model_type"}
-        config = AutoConfig.for_model(config["model_type"], **fields)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
-
-
-def _inner(model) -> tuple[Any, str]:
-    """(the decoder stack module, its name prefix in the state dict, e.g. "model.")."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    prefix = next(n for n, m in model.named_modules() if m is inner)
-    return inner, prefix + "." if prefix else ""
-
-
-def _layer_arguments(inner, hidden: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the model's own forward pass gives each decoder layer (masks, position ids,
-    rotary cos/sin per layer type) for inputs_embeds `hidden` [n, length, hidden]."""
-    import torch
-
-    class Capture(torch.nn.Module):
-        """Stands in for a decoder layer during one forward pass and records the arguments it gets."""
-
-        def forward(self, hidden_states, *args, **kwargs):
-            calls.append((args, kwargs))
-            return hidden_states
-
-    calls: list = []
-    layers, norm = inner.layers, inner.norm
-    inner.layers = torch.nn.ModuleList(Capture() for _ in layers)
-    inner.norm = torch.nn.Identity()
-    try:
-        with torch.inference_mode():
-            inner(inputs_embeds=hidden, use_cache=False)
-    finally:
-        inner.layers, inner.norm = layers, norm
-    if len(calls) != len(layers):
-        raise VerificationError(f"the model ran {len(calls)} of its {len(layers)} layers")
-    return calls
 
 
 def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dict | None = None):
@@ -214,7 +167,21 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
 
     `weight_type` (the written model's stored type) sets the tolerances: `relative` for embeddings and
     layer contributions (default LAYER_TOLERANCE), `logit_relative` for the logits (default the same) on
-    fixed probe ids drawn from `vocab_size` rows (default the config's)."""
+    fixed probe ids drawn from `vocab_size` rows (default the config's). Runs on one compute thread: the
+    check is memory-bound, and a 1B-shaped check took 24-35 s with one thread, 40-62 s with two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _verify(what, config, reference, written, weight_type, vocab_size, relative, logit_relative)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _verify(what: str, config: PretrainedConfig | dict[str, Any], reference: WeightSource,
+             written: WeightSource, weight_type: str, vocab_size: int | None, relative: float | None,
+             logit_relative: float | None) -> VerifyResult:
     import torch
     from tqdm import tqdm
 
@@ -222,7 +189,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
     relative = LAYER_TOLERANCE.get(kind, 1e-1) if relative is None else relative
     logit_relative = relative if logit_relative is None else logit_relative
     model = skeleton(config)
-    inner, prefix = _inner(model)
+    inner, prefix = decoder_stack(model)
     cfg = model.config
     ids = probe_ids(vocab_size or cfg.vocab_size, n=1, length=PROBE_LENGTH)
 
@@ -234,7 +201,7 @@ def verify_layerwise(what: str, config: PretrainedConfig | dict[str, Any], refer
     del ref_embed
     with torch.inference_mode():
         hidden = embed(inverse)  # [n, length, hidden], scaled as the model scales it (Gemma)
-    calls = _layer_arguments(inner, hidden)
+    calls = layer_arguments(inner, hidden)
 
     worst, pool = 0.0, {}
     steps = tqdm(zip(inner.layers, calls, strict=True), total=len(calls), desc="verifying", unit="layer", leave=False)
