@@ -14,7 +14,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lorakit.errors import MismatchError, ModelNotFoundError, OutputExistsError
-from lorakit.formats.safetensors_io import param_count
 from lorakit.merge.run import merge_model
 from tiny_models import make_tiny_llama
 
@@ -235,20 +234,29 @@ def test_lora_on_tied_embeddings_unties_like_the_trained_forward(bases, tmp_path
     the shared matrix instead, changing the other one too; the unmerged forward is the reference here.)"""
     base = bases["mha_tied"]
     adapter = make_adapter(base, tmp_path / "a", seed=10, target_modules=["q_proj", target])
-    merge_model(str(base), [str(adapter)], tmp_path / "out", verify=False)
+    result = merge_model(str(base), [str(adapter)], tmp_path / "out")  # the default check agrees too
+    assert result.verify is not None and result.verify.max_abs_diff <= result.verify.tolerance
     reference = PeftModel.from_pretrained(_load(base), adapter).eval()
     assert (_logits(_load(tmp_path / "out")) - _logits(reference)).abs().max().item() <= 1e-4
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
-def test_merge_verifies_in_bf16_when_fp32_does_not_fit(bases, tmp_path, monkeypatch):
-    """A model whose fp32 copy does not fit (a 7B on 24 GB) is checked in bf16, not killed mid-check."""
-    import lorakit.checkpoint.verify as verify
+def test_merge_verify_catches_a_dropped_delta_in_one_layer(bases, tmp_path, monkeypatch):
+    """The default check (layer by layer against base + adapters computed apart from the merge) names the
+    layer whose update the merge lost, and leaves no output behind."""
+    import lorakit.merge.streaming as streaming
+    from lorakit.checkpoint.verify import VerificationError
 
     base = bases["gqa_untied"]
-    params = param_count(base)
-    half_only = int(params * (verify.PEAK_BYTES_PER_PARAM["bfloat16"] + 1))
-    monkeypatch.setattr(verify, "available_memory", lambda: half_only)
-    adapter = make_adapter(base, tmp_path / "a", seed=4, target_modules=["q_proj", "v_proj"])
-    result = merge_model(str(base), [str(adapter)], tmp_path / "out", output_type="pth")
-    assert result.verify.computed_in == "bfloat16" and result.verify.max_abs_diff <= result.verify.tolerance
+    adapter = make_adapter(base, tmp_path / "a", seed=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    real = streaming.merged_tensor
+
+    def lose_layer_1_down(plan, t, out=None):
+        if t.name == "model.layers.1.mlp.down_proj.weight":
+            plan.ops[t.name] = plan.ops[t.name][:1]
+        return real(plan, t, out)
+
+    monkeypatch.setattr(streaming, "merged_tensor", lose_layer_1_down)
+    with pytest.raises(VerificationError, match="layer 1 mlp output differs"):
+        merge_model(str(base), [str(adapter)], tmp_path / "out", dtype="bf16")
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,7 @@
 """Verify a GGUF by what llama.cpp itself computes: its logits on the written file (with LoRA adapter
 GGUFs applied, if any) against the Hugging Face reference (the source model, or base + adapters by PEFT).
 
-Used for the quantized GGUF types (transformers cannot read k-quants faithfully, and what matters is
-what llama.cpp runs) and for GGUF LoRA adapters (only llama.cpp applies them).
+Used for GGUF LoRA adapters (only llama.cpp applies them).
 """
 
 from __future__ import annotations
@@ -47,47 +46,3 @@ def verify_with_llamacpp(what: str, n_params: int, vocab_size: int, gguf: Path, 
     ref = reference_logits(lambda: reference(dtype), ids)
     got = llamacpp_logits(gguf, ids, adapters)[..., : ref.shape[-1]]
     return compare(ref, got, weight_type, what, computed_in=dtype, relative=tolerance)
-
-
-def dequantized_model(model_dir: Path, gguf: Path, dtype: str = "float32", errors: dict | None = None
-                      ) -> PreTrainedModel:
-    """The HF model of `model_dir` with every weight replaced by the GGUF's own values, dequantized by the
-    `gguf` package (independently of llama.cpp) and put back in HF layout (q/k rows un-permuted).
-
-    Reference for a quantized file: llama.cpp should compute what this model computes, up to its own
-    activation rounding; the rounding of the weights themselves is measured by perplexity instead."""
-    import re
-
-    import torch
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    from lorakit.models import load_model
-    from lorakit.models.layout import RULES, meta_to_hf_rows, rotary_heads
-
-    model = load_model(model_dir, dtype)
-    source = model.state_dict()
-    config = model.config.to_dict()
-    patterns = [(re.compile(re.escape(r.gguf).replace(r"\{\}", r"(\d+)")), r) for r in RULES]
-    state = {}
-    for t in GGUFReader(str(gguf)).tensors:
-        for pattern, rule in patterns:  # noqa: B007 (the matching rule is used after the loop)
-            m = pattern.fullmatch(t.name)
-            if m:
-                break
-        else:
-            raise ValueError(f"{gguf}: unexpected tensor {t.name}")
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.dim() != len(t.shape) else w
-        heads = rotary_heads(rule, config)
-        if heads:
-            w = meta_to_hf_rows(w, heads)
-        name = rule.hf.format(*m.groups())
-        if errors is not None and name in source:
-            ref = source[name].float()
-            errors[name] = float((w - ref).norm() / ref.norm().clamp_min(1e-12))
-        state[name] = w
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise ValueError(f"{gguf}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model

@@ -26,7 +26,7 @@ def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", v
                  overwrite: bool = False, imatrix: str | Path | None = None) -> ExportResult:
     """Write `model` (resolved through lorakit.models) as GGUF or pth at `output`, atomically, with its
     weights as `dtype` (precision.WEIGHT_TYPES: f32, f16, bf16; q8_0 for GGUF). Quantized GGUF types
-    (export/quantize.py) are made by llama.cpp from an f16/bf16 GGUF and verified through it."""
+    (export/quantize.py) are made by llama.cpp from an f16/bf16 GGUF; every type is verified layer by layer."""
     from lorakit.checkpoint.output import atomic_dir, atomic_file, copy_tokenizer, tokenizer_source
     from lorakit.export.quantize import is_quant_type
     from lorakit.models import resolve_model_dir
@@ -36,12 +36,12 @@ def export_model(model: str, fmt: str, output: str | Path, dtype: str = "f16", v
     out = Path(output).expanduser()
     result = ExportResult(out, 0.0)
     if fmt == "gguf" and is_quant_type(dtype):
-        from lorakit.export.quantize import verify_quantized, write_quantized
+        from lorakit.export.quantize import write_quantized
 
         with atomic_file(out, overwrite) as tmp:
             write_quantized(src, tmp, dtype, Path(imatrix) if imatrix else None)
             if verify:
-                result.verify = verify_quantized(src, tmp, dtype)
+                result.verify = verify_gguf(src, tmp, dtype)
     elif fmt == "gguf":
         from lorakit.export.gguf_writer import write_gguf
 
@@ -77,34 +77,20 @@ def _vocab_rows(src: Path) -> int:
     return SafetensorsFolder(src).shape("model.embed_tokens.weight")[0]
 
 
-def verify_gguf(src: Path, gguf_file: Path, dtype: str) -> VerifyResult | None:
-    """Logits of an independent reader of the written file (transformers' GGUF loader, or llama.cpp for the
-    families that loader does not rebuild exactly: export/gguf_readers.py) vs the source HF model."""
-    from lorakit.checkpoint.verify import round_trip
-    from lorakit.export.gguf_readers import gguf_reader
-    from lorakit.formats.safetensors_io import param_count
-    from lorakit.models import load_model
+def verify_gguf(src: Path, gguf_file: Path, dtype: str) -> VerifyResult:
+    """The written GGUF (any type, llama.cpp's quantizations included), read back tensor by tensor, against
+    the source HF model, one decoder layer at a time (bounded memory, any model size;
+    export/layerwise_verify.py)."""
+    from lorakit.export.layerwise_verify import verify_gguf_layerwise
 
-    reader = gguf_reader(src, gguf_file)
-    if reader is None:
-        return None
-    name, written = reader
-    return round_trip(f"GGUF {dtype} (read by {name})", param_count(src), _vocab_rows(src), dtype,
-                      reference=lambda dtype: load_model(src, dtype), written=written)
+    return verify_gguf_layerwise(src, gguf_file, dtype)
 
 
-def verify_pth(src: Path, folder: Path, dtype: str) -> VerifyResult | None:
-    """Logits of lorakit's pth reader on the written folder vs the source HF model."""
-    import torch
+def verify_pth(src: Path, folder: Path, dtype: str) -> VerifyResult:
+    """The written Meta pth folder, read back tensor by tensor, against the source HF model, layer by layer."""
+    from lorakit.export.layerwise_verify import verify_pth_layerwise
 
-    from lorakit.checkpoint.pth import load_pth_model
-    from lorakit.checkpoint.verify import round_trip
-    from lorakit.formats.safetensors_io import param_count
-    from lorakit.models import load_model
-
-    return round_trip("pth", param_count(src), _vocab_rows(src), dtype,
-                      reference=lambda dtype: load_model(src, dtype),
-                      written=lambda dtype: load_pth_model(folder, getattr(torch, dtype)))
+    return verify_pth_layerwise(src, folder, dtype)
 
 
 def export_lora(adapter: str, base_model: str, output: str | Path, dtype: str = "f32", verify: bool = True,

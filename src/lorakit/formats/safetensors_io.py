@@ -1,13 +1,16 @@
 """Read a sharded safetensors checkpoint lazily: one tensor at a time, or just the headers.
 
-`SafetensorsFolder` memory-maps one shard at a time (safetensors.safe_open) and hands out tensors by
-name, so a reader never holds more than the tensor it asked for. Writing: shard_writer.py.
+`SafetensorsFolder` hands out tensors by name, each read from its byte range with `os.preadv` into a
+tensor of its own (no memory map: a mapped shard's touched pages stay resident until it is unmapped,
+so a 6 GB shard read through a map set a merge's peak), so a reader never holds more than the tensor
+it asked for. Writing: shard_writer.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,18 +97,27 @@ class SafetensorsFolder:
         return name in self._info
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (keeps only its shard mapped; switching shards unmaps the previous one)."""
-        from safetensors import safe_open
+        """Read one tensor into memory of its own (keeps only its shard's file open)."""
+        import torch
 
-        fname = self._info[name][0]
+        fname, dtype, shape = self._info[name]
+        start, end = self._offsets[name]
         if fname != self._open_file:
             self.close()
-            self._handle = safe_open(str(self.folder / fname), framework="pt")
+            self._handle = open(self.folder / fname, "rb", buffering=0)  # noqa: SIM115 (closed by close())
             self._open_file = fname
-        return self._handle.get_tensor(name)
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
+        while done < len(view):  # one read returns at most ~2 GB
+            n = os.preadv(self._handle.fileno(), [view[done:]], start + done)
+            if n <= 0:
+                raise MismatchError(f"{self.folder / fname}: truncated safetensors file (tensor {name})")
+            done += n
+        return raw.view(torch_dtype(dtype)).reshape(shape)
 
     def close(self) -> None:
-        # Dropping the last reference unmaps the file (safe_open has no explicit close).
+        if self._handle is not None:
+            self._handle.close()
         self._handle, self._open_file = None, None
 
 

@@ -24,8 +24,8 @@ class MergeConfig:
     max_shard_size: str = opt("2GB", "largest safetensors shard of the output (huggingface type)")
     dtype: str = opt("auto", "weight type of the output: auto (the base's), f32, f16 or bf16 "
                              "(float32/float16/bfloat16 are accepted too)")
-    verify: bool = opt(True, "reload the output and compare logits with PEFT's in-memory merge (loads the "
-                             "model in memory: use --no-verify when it does not fit)")
+    verify: bool = opt(True, "read the output back and compare it, one decoder layer at a time, with base + "
+                             "adapters computed apart from the merge (memory: about one layer)")
     overwrite: bool = opt(False, "replace a non-empty --output-dir")
 
     def validate(self) -> None:

@@ -84,8 +84,10 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
                 copy_tokenizer(tok_source, tmp)
             result = AdapterMergeResult(out, files, plan.vocab_size, 0.0)
             if verify:
+                stored = {t.dtype for t in plan.tensors}  # tolerance of the least precise type written
+                loosest = next((d for d in ("BF16", "F16", "F32") if d in stored), plan.tensors[0].dtype)
                 result.verify = verify_merge(str(base_dir), [str(d) for d in adapter_dirs], tmp, output_type,
-                                             plan.tensors[0].dtype, plan.vocab_size)
+                                             loosest, plan.vocab_size, plan.config)
     finally:
         plan.close()
     result.seconds = time.perf_counter() - start
@@ -93,22 +95,24 @@ def merge_model(base_model: str, adapters: list[str], output_dir: str | Path, ou
 
 
 def verify_merge(base_model: str, adapters: list[str], folder: Path, output_type: str, st_dtype: str,
-                 vocab_size: int):
-    """Logits of the written model vs PEFT's in-memory sequential merge (one model in memory at a time)."""
-    import torch
-
-    from lorakit.checkpoint.pth import load_pth_model
-    from lorakit.checkpoint.verify import merged_in_memory, round_trip
-    from lorakit.formats.safetensors_io import param_count
-    from lorakit.models import load_model
+                 vocab_size: int, config: dict | None = None):
+    """The written model vs base + adapters computed apart from the merge (merge/reference.py), compared
+    layer by layer (checkpoint/layerwise.py): the memory of one decoder layer, whatever the model size."""
+    from lorakit.checkpoint.layerwise import FolderSource, verify_layerwise
+    from lorakit.checkpoint.weight_sources import PthWeights
+    from lorakit.merge.reference import MergeReference
     from lorakit.precision import weight_type
 
-    def written(dtype: str):
-        return load_pth_model(folder, getattr(torch, dtype)) if output_type == "pth" else load_model(folder, dtype)
-
-    return round_trip(f"merged model ({output_type})", param_count(base_model), vocab_size,
-                      weight_type(st_dtype).name, reference=lambda dtype: merged_in_memory(base_model, adapters, dtype),
-                      written=written)
+    if config is None:
+        config = json.loads((folder / "config.json").read_text())
+    reference = MergeReference(base_model, adapters)
+    written = PthWeights(folder, config) if output_type == "pth" else FolderSource(folder)
+    try:
+        return verify_layerwise(f"merged model ({output_type})", config, reference, written,
+                                weight_type(st_dtype).name, vocab_size)
+    finally:
+        reference.close()
+        written.close()
 
 
 def run_merge(cfg: MergeConfig) -> int:
