@@ -14,8 +14,8 @@ row of --seq tokens under bf16 autocast. Reported per configuration: peak RSS of
 (model.get_memory_footprint), load time, seconds per step and the loss of the first step.
 
 The projection: weights (bf16: 2 bytes/parameter; 8-bit: 1 byte per decoder-linear parameter + fp32 row
-scales; 4-bit NF4 with double quantization: 0.5 + 0.0158 bytes; PEFT's k-bit preparation keeps the
-embeddings, norms and lm_head in fp32), LoRA (16 bytes a parameter: fp32 weight, gradient, two AdamW
+scales; 4-bit NF4 with double quantization: 0.5 + 0.0158 bytes; lorakit's k-bit preparation keeps the
+embeddings and lm_head in bf16 and the norms in fp32), LoRA (16 bytes a parameter: fp32 weight, gradient, two AdamW
 moments), activations (per token and layer, fitted on this run's measurements: with and without
 checkpointing) and a fixed runtime. The fitted formula is printed next to the measured peaks.
 """
@@ -113,6 +113,7 @@ class Result:
     shape: str = ""
     seq: int = 0
     runtime_mb: float = 0.0  # RSS after the imports, before loading the model (0: not measured)
+    measured: str = ""  # UTC time the row was measured (rows of one file may come from different runs)
 
 
 def rss_peak_mb() -> float:
@@ -171,7 +172,7 @@ def worker(args: argparse.Namespace) -> None:
     step_s = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = Result(args.config, args.checkpointing, load_s, load_peak, weights, rss_peak_mb(), step_s, losses[0],
-                    gpu, args.shape, args.seq, runtime)
+                    gpu, args.shape, args.seq, runtime, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(json.dumps(asdict(result)))
 
 
@@ -205,7 +206,8 @@ def weight_bytes(shape: str, config: str) -> float:
     rows = layers * (3 * hidden + 2 * hidden // heads * kv_heads + 2 * inter)  # output rows of the linears
     per_linear = 1.0 if config == "8bit" else 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + 8-bit absmax + fp32 2nd level
     scales = 4.0 * rows if config == "8bit" else 0.0
-    return per_linear * linear + scales + 4.0 * other  # embeddings, norms, lm_head upcast to fp32 by PEFT
+    norms = (2 * layers + 1) * hidden
+    return per_linear * linear + scales + 2.0 * (other - norms) + 4.0 * norms  # bf16 embeddings/head, fp32 norms
 
 
 @dataclass
@@ -280,6 +282,20 @@ def report_projection(fitted: list[Result], checks: list[Result]) -> None:
         print(f"| {s} | " + " | ".join(cells) + " |")
 
 
+def write_results(path: Path, rows: list[Result], update: bool) -> None:
+    """`rows` to `path` (JSON); with `update`, in place of the file's rows of the same configuration."""
+    def key(r: Result) -> tuple:
+        return r.shape, r.config, r.checkpointing, r.seq
+
+    if update and path.is_file():
+        new = {key(r): r for r in rows}
+        old = load_results([str(path)])
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    tmp.replace(path)
+
+
 def load_results(paths: list[str]) -> list[Result]:
     return [Result(**row) for p in paths for row in json.loads(Path(p).read_text())]
 
@@ -296,6 +312,8 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--results-out", help="also write the measurements to this JSON file")
+    p.add_argument("--update", action="store_true", help="with --results-out: replace that file's rows of the "
+                   "configurations measured now and keep its others (each row says when it was measured)")
     p.add_argument("--from-results", nargs="+", metavar="JSON", help="report saved measurements instead of running: "
                    "the formula is fitted on the first file and checked against the others")
     p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
@@ -336,7 +354,7 @@ def main() -> None:
         report(results, args.shape, args.seq, size / 2**30)
         ok = [r for r in results if isinstance(r, Result)]
         if args.results_out:
-            Path(args.results_out).write_text(json.dumps([asdict(r) for r in ok], indent=1))
+            write_results(Path(args.results_out), ok, args.update)
         if len({(r.config != "none", r.checkpointing) for r in ok}) == 4:
             report_projection(ok, [])
     finally:
