@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from train_memory_projection import CONFIGS, LORA_R, LORA_TARGETS, SHAPES, parameter_groups, report_projection
@@ -174,7 +174,9 @@ def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, se
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    known = {f.name for f in fields(Result)}  # a worker of newer code may report more
+    return Result(**{k: v for k, v in row.items() if k in known})
 
 
 def report(results: list, shape: str, seq: int, model_gb: float) -> None:
