@@ -104,6 +104,7 @@ class Result:
     seq: int = 0
     runtime_mb: float = 0.0  # RSS after the imports, before loading the model (0: not measured)
     measured: str = ""  # UTC time the row was measured (rows of one file may come from different runs)
+    prepare: str = "lorakit"  # k-bit preparation: lorakit's, or PEFT's prepare_model_for_kbit_training (--peft-prepare)
 
 
 def rss_peak_mb() -> float:
@@ -134,7 +135,13 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = load_model(args.model_dir, torch.bfloat16, quantization=opts)
     model.config.use_cache = False
-    model = prepare_base(model, opts)
+    if args.peft_prepare and args.config != "none":  # PEFT's own, to compare: every non-quantized weight in fp32
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = prepare_base(model, opts)
     load_s, load_peak = time.perf_counter() - start, rss_peak_mb()
     weights = model.get_memory_footprint() / 2**20
     install_training_loss(model)
@@ -162,13 +169,16 @@ def worker(args: argparse.Namespace) -> None:
     step_s = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = Result(args.config, args.checkpointing, load_s, load_peak, weights, rss_peak_mb(), step_s, losses[0],
-                    gpu, args.shape, args.seq, runtime, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                    gpu, args.shape, args.seq, runtime, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "peft" if args.peft_prepare and args.config != "none" else "lorakit")
     print(json.dumps(asdict(result)))
 
 
-def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int) -> Result | str:
+def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int,
+               peft_prepare: bool = False) -> Result | str:
     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir), "--config", config, "--seq", str(seq),
            "--steps", str(steps), "--ckpt", str(int(checkpointing)), "--shape", shape]
+    cmd += ["--peft-prepare"] if peft_prepare else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "LORAKIT_LOG_LEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -191,7 +201,8 @@ def report(results: list, shape: str, seq: int, model_gb: float) -> None:
             print(f"| {r[0]} | {'yes' if r[1] else 'no'} | failed: {r[2]} |")
             continue
         rel = f"{100 * r.peak_mb / base:.0f}%" if base else "-"
-        print(f"| {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
+        name = r.config + (" (PEFT prep.)" if r.prepare == "peft" else "")
+        print(f"| {name} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
               f"{r.load_peak_mb / 1024:.2f} GB | {r.weights_mb / 1024:.2f} GB | {r.load_s:.1f} | {r.step_s:.1f} | "
               f"{r.loss:.4f} |")
 
@@ -199,7 +210,7 @@ def report(results: list, shape: str, seq: int, model_gb: float) -> None:
 def write_results(path: Path, rows: list[Result], update: bool) -> None:
     """`rows` to `path` (JSON); with `update`, in place of the file's rows of the same configuration."""
     def key(r: Result) -> tuple:
-        return r.shape, r.config, r.checkpointing, r.seq
+        return r.shape, r.config, r.checkpointing, r.seq, r.prepare
 
     if update and path.is_file():
         new = {key(r): r for r in rows}
@@ -231,6 +242,8 @@ def main() -> None:
     p.add_argument("--from-results", nargs="+", metavar="JSON", help="report saved measurements instead of running: "
                    "the formula is fitted on the first file and checked against the others")
     p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--peft-prepare", action="store_true", help="quantized rows prepared by PEFT's "
+                   "prepare_model_for_kbit_training (fp32 embeddings/lm_head) instead of lorakit's, to compare")
     args = p.parse_args()
     if args.worker:
         args.checkpointing = bool(args.ckpt)
@@ -262,7 +275,7 @@ def main() -> None:
         results: list = []
         for config in args.configs.split(","):
             for ck in checkpointing:
-                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps)
+                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps, args.peft_prepare)
                 results.append(r if isinstance(r, Result) else (config, ck, r))
                 print(f"  {config} ckpt={ck}: {r}", flush=True)
         report(results, args.shape, args.seq, size / 2**30)
