@@ -14,8 +14,8 @@ row of --seq tokens under bf16 autocast. Reported per configuration: peak RSS of
 (model.get_memory_footprint), load time, seconds per step and the loss of the first step.
 
 The projection: weights (bf16: 2 bytes/parameter; 8-bit: 1 byte per decoder-linear parameter + fp32 row
-scales; 4-bit NF4 with double quantization: 0.5 + 0.0158 bytes; PEFT's k-bit preparation keeps the
-embeddings, norms and lm_head in fp32), LoRA (16 bytes a parameter: fp32 weight, gradient, two AdamW
+scales; 4-bit NF4 with double quantization: 0.5 + 0.0158 bytes; lorakit's k-bit preparation keeps the
+embeddings and lm_head in bf16 and the norms in fp32), LoRA (16 bytes a parameter: fp32 weight, gradient, two AdamW
 moments), activations (per token and layer, fitted on this run's measurements: with and without
 checkpointing) and a fixed runtime. The fitted formula is printed next to the measured peaks.
 """
@@ -31,22 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from train_memory_projection import CONFIGS, LORA_R, LORA_TARGETS, SHAPES, parameter_groups, report_projection
 
-# name -> hidden, layers, intermediate, heads, kv heads, vocab
-SHAPES = {
-    "1b": (2048, 22, 5632, 32, 4, 32000),     # TinyLlama-1.1B
-    "3b": (3200, 26, 8640, 32, 32, 32000),    # OpenLLaMA-3B
-    "7b": (4096, 32, 11008, 32, 32, 32000),   # LLaMA-2-7B
-    "13b": (5120, 40, 13824, 40, 40, 32000),  # LLaMA-2-13B
-    "70b": (8192, 80, 28672, 64, 8, 32000),   # LLaMA-2-70B
-}
-CONFIGS = ("none", "8bit", "4bit")
-LORA_TARGETS = ("q_proj", "v_proj")
-LORA_R = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensor_shapes(shape: str) -> dict[str, list[int]]:
@@ -113,6 +103,8 @@ class Result:
     shape: str = ""
     seq: int = 0
     runtime_mb: float = 0.0  # RSS after the imports, before loading the model (0: not measured)
+    measured: str = ""  # UTC time the row was measured (rows of one file may come from different runs)
+    prepare: str = "lorakit"  # k-bit preparation: lorakit's, or PEFT's prepare_model_for_kbit_training (--peft-prepare)
 
 
 def rss_peak_mb() -> float:
@@ -143,7 +135,13 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = load_model(args.model_dir, torch.bfloat16, quantization=opts)
     model.config.use_cache = False
-    model = prepare_base(model, opts)
+    if args.peft_prepare and args.config != "none":  # PEFT's own, to compare: every non-quantized weight in fp32
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = prepare_base(model, opts)
     load_s, load_peak = time.perf_counter() - start, rss_peak_mb()
     weights = model.get_memory_footprint() / 2**20
     install_training_loss(model)
@@ -171,75 +169,24 @@ def worker(args: argparse.Namespace) -> None:
     step_s = sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result = Result(args.config, args.checkpointing, load_s, load_peak, weights, rss_peak_mb(), step_s, losses[0],
-                    gpu, args.shape, args.seq, runtime)
+                    gpu, args.shape, args.seq, runtime, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "peft" if args.peft_prepare and args.config != "none" else "lorakit")
     print(json.dumps(asdict(result)))
 
 
-def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int) -> Result | str:
+def run_config(model_dir: Path, shape: str, config: str, checkpointing: bool, seq: int, steps: int,
+               peft_prepare: bool = False) -> Result | str:
     cmd = [sys.executable, __file__, "--worker", "--model-dir", str(model_dir), "--config", config, "--seq", str(seq),
            "--steps", str(steps), "--ckpt", str(int(checkpointing)), "--shape", shape]
+    cmd += ["--peft-prepare"] if peft_prepare else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "LORAKIT_LOG_LEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-# ---- projection --------------------------------------------------------------------------------------
-def parameter_groups(shape: str) -> tuple[int, int, int]:
-    """(decoder-linear parameters, other parameters, LoRA parameters) of `shape`."""
-    hidden, layers, inter, heads, kv_heads, vocab = SHAPES[shape]
-    kv = hidden // heads * kv_heads
-    linear = layers * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * inter)
-    other = 2 * vocab * hidden + (2 * layers + 1) * hidden
-    lora = layers * LORA_R * ((hidden + hidden) + (hidden + kv))  # q_proj and v_proj
-    return linear, other, lora
-
-
-def weight_bytes(shape: str, config: str) -> float:
-    linear, other, _ = parameter_groups(shape)
-    hidden, layers, inter, heads, kv_heads, _ = SHAPES[shape]
-    if config == "none":
-        return 2.0 * (linear + other)
-    rows = layers * (3 * hidden + 2 * hidden // heads * kv_heads + 2 * inter)  # output rows of the linears
-    per_linear = 1.0 if config == "8bit" else 0.5 + 1 / 64 + 4 / (64 * 256)  # NF4 + 8-bit absmax + fp32 2nd level
-    scales = 4.0 * rows if config == "8bit" else 0.0
-    return per_linear * linear + scales + 4.0 * other  # embeddings, norms, lm_head upcast to fp32 by PEFT
-
-
-@dataclass
-class Fit:
-    runtime: float  # bytes of the process before the model loads (Python, torch, transformers, bitsandbytes)
-    per_token_layer: dict[tuple[bool, bool], float]  # (quantized, checkpointing) -> bytes per token and layer
-
-
-def fit(results: list[Result]) -> Fit:
-    """The measured runtime, and what is left of each peak after weights, LoRA state and runtime, per token and
-    layer, averaged per (quantized, checkpointing): on a quantized base PEFT keeps the residual stream in fp32
-    (its embeddings are upcast), so its activations are not those of the bf16 run."""
-    runtimes = [r.runtime_mb for r in results if r.runtime_mb] or \
-        [r.load_peak_mb for r in results if r.config == "none"]  # mmapped weights untouched at that point
-    runtime = sum(runtimes) / len(runtimes) * 2**20
-    groups: dict[tuple[bool, bool], list[float]] = {}
-    for r in results:
-        _, layers, *_ = SHAPES[r.shape]
-        rest = r.peak_mb * 2**20 - weight_bytes(r.shape, r.config) - 16.0 * parameter_groups(r.shape)[2] - runtime
-        groups.setdefault((r.config != "none", r.checkpointing), []).append(rest / (r.seq * layers))
-    return Fit(runtime, {k: sum(v) / len(v) for k, v in groups.items()})
-
-
-def project(shape: str, config: str, checkpointing: bool, seq: int, f: Fit) -> float | None:
-    key = (config != "none", checkpointing)
-    if key not in f.per_token_layer:
-        return None
-    _, layers, *_ = SHAPES[shape]
-    act = f.per_token_layer[key] * seq * layers
-    return weight_bytes(shape, config) + 16.0 * parameter_groups(shape)[2] + act + f.runtime
-
-
-def gb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 2**30:.1f} GB"
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    known = {f.name for f in fields(Result)}  # a worker of newer code may report more
+    return Result(**{k: v for k, v in row.items() if k in known})
 
 
 def report(results: list, shape: str, seq: int, model_gb: float) -> None:
@@ -254,30 +201,24 @@ def report(results: list, shape: str, seq: int, model_gb: float) -> None:
             print(f"| {r[0]} | {'yes' if r[1] else 'no'} | failed: {r[2]} |")
             continue
         rel = f"{100 * r.peak_mb / base:.0f}%" if base else "-"
-        print(f"| {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
+        name = r.config + (" (PEFT prep.)" if r.prepare == "peft" else "")
+        print(f"| {name} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | {rel} | "
               f"{r.load_peak_mb / 1024:.2f} GB | {r.weights_mb / 1024:.2f} GB | {r.load_s:.1f} | {r.step_s:.1f} | "
               f"{r.loss:.4f} |")
 
 
-def report_projection(fitted: list[Result], checks: list[Result]) -> None:
-    """The formula fitted on `fitted`, shown against every measurement (`checks`: other shapes, not fitted)."""
-    f = fit(fitted)
-    acts = ", ".join(f"{'quantized' if q else 'bf16'}{' +ckpt' if c else ''} {v / 1024:.0f} KB"
-                     for (q, c), v in sorted(f.per_token_layer.items()))
-    print(f"\nformula fitted on {fitted[0].shape}: runtime {f.runtime / 2**30:.2f} GB (measured before loading); "
-          f"activations per token and layer: {acts}")
-    print("| shape | base | grad. ckpt | measured peak | formula | fitted on it |")
-    print("|---|---|---|---|---|---|")
-    for r in [*fitted, *checks]:
-        print(f"| {r.shape} | {r.config} | {'yes' if r.checkpointing else 'no'} | {r.peak_mb / 1024:.2f} GB | "
-              f"{gb(project(r.shape, r.config, r.checkpointing, r.seq, f))} | {'yes' if r in fitted else 'no'} |")
-    seq = fitted[0].seq
-    print(f"\nprojection (sequence {seq}; weights + LoRA state + activations + runtime):")
-    print("| shape | " + " | ".join(f"{c}{' +ckpt' if ck else ''}" for c in CONFIGS for ck in (False, True)) + " |")
-    print("|---|" + "---|" * 6)
-    for s in ("7b", "13b", "70b"):
-        cells = [gb(project(s, c, ck, seq, f)) for c in CONFIGS for ck in (False, True)]
-        print(f"| {s} | " + " | ".join(cells) + " |")
+def write_results(path: Path, rows: list[Result], update: bool) -> None:
+    """`rows` to `path` (JSON); with `update`, in place of the file's rows of the same configuration."""
+    def key(r: Result) -> tuple:
+        return r.shape, r.config, r.checkpointing, r.seq, r.prepare
+
+    if update and path.is_file():
+        new = {key(r): r for r in rows}
+        old = load_results([str(path)])
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    tmp.replace(path)
 
 
 def load_results(paths: list[str]) -> list[Result]:
@@ -296,9 +237,13 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--results-out", help="also write the measurements to this JSON file")
+    p.add_argument("--update", action="store_true", help="with --results-out: replace that file's rows of the "
+                   "configurations measured now and keep its others (each row says when it was measured)")
     p.add_argument("--from-results", nargs="+", metavar="JSON", help="report saved measurements instead of running: "
                    "the formula is fitted on the first file and checked against the others")
     p.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--peft-prepare", action="store_true", help="quantized rows prepared by PEFT's "
+                   "prepare_model_for_kbit_training (fp32 embeddings/lm_head) instead of lorakit's, to compare")
     args = p.parse_args()
     if args.worker:
         args.checkpointing = bool(args.ckpt)
@@ -330,13 +275,13 @@ def main() -> None:
         results: list = []
         for config in args.configs.split(","):
             for ck in checkpointing:
-                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps)
+                r = run_config(model_dir, args.shape, config, ck, args.seq, args.steps, args.peft_prepare)
                 results.append(r if isinstance(r, Result) else (config, ck, r))
                 print(f"  {config} ckpt={ck}: {r}", flush=True)
         report(results, args.shape, args.seq, size / 2**30)
         ok = [r for r in results if isinstance(r, Result)]
         if args.results_out:
-            Path(args.results_out).write_text(json.dumps([asdict(r) for r in ok], indent=1))
+            write_results(Path(args.results_out), ok, args.update)
         if len({(r.config != "none", r.checkpointing) for r in ok}) == 4:
             report_projection(ok, [])
     finally:

@@ -213,11 +213,37 @@ def merge_allowed(opts: Any, merge: bool, n_adapters: int) -> bool:
 
 
 def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """PEFT's k-bit preparation for a quantized base (freeze, norms and embeddings in fp32, input
-    gradients for checkpointing); a no-op for a full-precision model."""
+    """PEFT's k-bit preparation (`prepare_model_for_kbit_training`) for a quantized base, with the same
+    numbers in less memory; a no-op for a full-precision model.
+
+    PEFT freezes every parameter and upcasts every non-quantized one to fp32. For the 1-D ones (norm
+    weights, biases: a few MB) lorakit does the same. The 2-D ones, the embeddings and the lm_head
+    ([vocab, hidden] each: 0.5 GB apiece in fp32 on a 7B, twice their bf16 size), are frozen and only
+    read, so they stay in the dtype they were loaded in (the run's compute dtype): under the training
+    autocast the lm_head's matmul (and lorakit's fused loss) casts an fp32 copy back to that dtype, which
+    gives the loaded weight again; and the rows of the embedding table cast to fp32 equal those of PEFT's
+    fp32 table, so a forward hook casts the embedding output to fp32 and the residual stream stays fp32
+    as under PEFT. PEFT has no option to skip its upcast, hence these steps here rather than its function;
+    tests/test_quantize_prepare.py checks the loss and LoRA gradients against it."""
+    import torch
+
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         return model
-    from peft import prepare_model_for_kbit_training
+    for param in model.parameters():
+        param.requires_grad = False
+        if (param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"
+                and param.ndim < 2):
+            param.data = param.data.to(torch.float32)
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight.dtype != torch.float32:
+        embeddings.register_forward_hook(_fp32_output)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+def _fp32_output(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """Embedding output [B, T, H] in fp32, as PEFT's fp32 embedding table gives it."""
+    import torch
+
+    return output.to(torch.float32)
