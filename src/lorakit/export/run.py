@@ -130,17 +130,18 @@ def export_lora(adapter: str, base_model: str, output: str | Path, dtype: str = 
 
 
 def verify_gguf_lora(base_dir: Path, adapter_dir: Path, lora_gguf: Path, dtype: str) -> VerifyResult | None:
-    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32."""
+    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32 (tolerance:
+    the adapter type's plus llama.cpp's own error on the base, see verify_adapter_with_llamacpp)."""
     from lorakit.checkpoint.verify import merged_in_memory
     from lorakit.export.gguf_cache import cached_model_gguf
-    from lorakit.export.llamacpp_verify import verify_with_llamacpp
+    from lorakit.export.llamacpp_verify import verify_adapter_with_llamacpp
     from lorakit.formats.safetensors_io import param_count
 
     base_gguf = cached_model_gguf(base_dir, "f32")
-    return verify_with_llamacpp(f"GGUF LoRA {dtype}", param_count(base_dir), _vocab_rows(base_dir), base_gguf,
-                                dtype, reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
-                                                                                  dtype),
-                                adapters={"adapter": lora_gguf})
+    return verify_adapter_with_llamacpp(f"GGUF LoRA {dtype}", param_count(base_dir), _vocab_rows(base_dir),
+                                        base_gguf, dtype, adapter_gguf=lora_gguf,
+                                        reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
+                                                                                 dtype))
 
 
 def run_export(cfg: ExportConfig) -> int:
