@@ -455,22 +455,35 @@ def test_gemma_soft_capping_keeps_the_head_unfused_and_the_loss_right(tiny_famil
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["llama2", "qwen2", "llama3"])
-def test_backend_auto_runs_adapters_on_llamacpp_only_where_gguf_lora_covers_the_family(tiny_family, tmp_path, case):
-    """GGUF LoRA adapters are written for LLaMA/Mistral without RoPE scaling: elsewhere `auto` keeps torch,
-    and an explicit `--backend llamacpp` is one clear refusal."""
-    from lorakit.errors import ConfigError
+@pytest.mark.parametrize("case", ["llama2", "llama3", "qwen2", "qwen3", "gemma3"])
+def test_backend_auto_runs_adapters_on_llamacpp_for_every_family(tiny_family, tmp_path, case):
+    """GGUF LoRA adapters are written for every family of the registry (Llama 3's RoPE scaling included):
+    on this CPU-only machine `auto` picks llama.cpp, and an explicit `--backend llamacpp` is accepted."""
     from lorakit.generate.backends import resolve_backend
     from lorakit.generate.config import GenerateConfig
 
     base = tiny_family(case)
     adapter = _random_adapter(base, tmp_path / "a")
-    auto = GenerateConfig(base_model=str(base), lora_weights=[str(adapter)])
-    supported = case == "llama2"
-    assert resolve_backend(auto) == ("llamacpp" if supported else "torch")
+    assert resolve_backend(GenerateConfig(base_model=str(base), lora_weights=[str(adapter)])) == "llamacpp"
     explicit = GenerateConfig(base_model=str(base), lora_weights=[str(adapter)], backend="llamacpp")
-    if supported:
-        assert resolve_backend(explicit) == "llamacpp"
-    else:
-        with pytest.raises(ConfigError, match="GGUF LoRA adapters are written for LLaMA/Mistral"):
-            resolve_backend(explicit)
+    assert resolve_backend(explicit) == "llamacpp"
+
+
+def test_backend_llamacpp_refuses_a_base_gguf_cannot_express(tiny_family, tmp_path):
+    """A RoPE type llama.cpp has no key for keeps `auto` on torch; `--backend llamacpp` is one clear refusal."""
+    from lorakit.errors import ConfigError
+    from lorakit.generate.backends import resolve_backend
+    from lorakit.generate.config import GenerateConfig
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in tiny_family("llama2").iterdir():
+        (base / f.name).symlink_to(f)
+    config = json.loads((base / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (base / "config.json").unlink()
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = _random_adapter(tiny_family("llama2"), tmp_path / "a")
+    assert resolve_backend(GenerateConfig(base_model=str(base), lora_weights=[str(adapter)])) == "torch"
+    with pytest.raises(ConfigError, match="no GGUF LoRA adapter for this base.*RoPE type 'dynamic'"):
+        resolve_backend(GenerateConfig(base_model=str(base), lora_weights=[str(adapter)], backend="llamacpp"))

@@ -17,7 +17,7 @@ from lorakit.export.gguf_lora import AdapterNotConvertibleError, write_gguf_lora
 from lorakit.export.llamacpp_verify import llamacpp_logits
 from lorakit.export.run import export_lora, export_model
 from lorakit.models import load_model
-from tiny_models import make_tiny_llama
+from tiny_models import FAMILY_CASES, make_tiny_family, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,70 @@ def test_adapter_gguf_on_base_gguf_matches_peft(bases, tmp_path):
     diff = (got - ref).abs().max().item()
     assert diff <= 1e-4 * ref.abs().max().item(), diff
     assert (without - ref).abs().max().item() > 100 * diff  # the adapter really changed llama.cpp's output
+
+
+@pytest.fixture(scope="module")
+def family_base(tmp_path_factory):
+    """case -> a tiny random model of that family (tiny_models.FAMILY_CASES), built on first use."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in built:
+            built[case] = make_tiny_family(root / case, case, root / "tokenizer", seed=FAMILY_CASES.index(case))
+        return built[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen3", "gemma3", "llama3"])
+def test_family_adapter_gguf_on_base_gguf_matches_peft(family_base, tmp_path, case):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma 3 (its norms, tied head) adapters are written unpermuted
+    under their own architecture; Llama 3 with RoPE scaling permuted, its scaling left to the base GGUF's
+    rope_freqs. llama.cpp (f32 base GGUF + adapter) computes PEFT's logits."""
+    from lorakit.models.families import family_of_dir
+
+    base = family_base(case)
+    family = family_of_dir(base)
+    adapter = make_adapter(base, tmp_path / "a", seed=6, target_modules=list(family.lora_targets))
+    out = tmp_path / "a.gguf"
+    result = export_lora(str(adapter), str(base), out, "f32")
+    assert result.verify.max_abs_diff <= result.verify.tolerance
+    reader = GGUFReader(str(out))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == family.gguf_arch and fields["general.type"] == "adapter"
+    names = {t.name for t in reader.tensors}
+    assert len(names) == 2 * 2 * len(family.lora_targets) and "rope_freqs.weight" not in names
+    base_gguf = tmp_path / "base.gguf"
+    export_model(str(base), "gguf", base_gguf, "f32", verify=False)
+    assert ("rope_freqs.weight" in {t.name for t in GGUFReader(str(base_gguf)).tensors}) == (case == "llama3")
+    ids = probe_ids(16000)
+    ref = logits_of(merged_in_memory(str(base), [str(adapter)]), ids)
+    got = llamacpp_logits(base_gguf, ids, {"a": out})[..., : ref.shape[-1]]
+    without = llamacpp_logits(base_gguf, ids)[..., : ref.shape[-1]]
+    # llama.cpp's own error on the base alone (Gemma 3: GELU through a 16-bit table), measured here
+    floor = (without - logits_of(load_model(base, "float32"), ids)).abs().max().item()
+    assert floor <= (5e-4 if case == "gemma3" else 1e-5) * ref.abs().max().item(), floor
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-4 * ref.abs().max().item() + 2 * floor, (diff, floor)
+    assert (without - ref).abs().max().item() > 30 * diff  # the adapter really changed llama.cpp's output
+
+
+def test_qwen_adapter_with_llamas_qk_permutation_fails_verification(family_base, tmp_path, monkeypatch):
+    """The converse of the LLaMA check below: permuting a Qwen adapter's q/k (as for LLaMA) is caught."""
+    import dataclasses
+
+    import lorakit.export.gguf_lora as gl
+    from lorakit.models.families import QKV_BIASES, QWEN2
+    from lorakit.models.layout import RULES
+
+    base = family_base("qwen2")
+    adapter = make_adapter(base, tmp_path / "a", seed=2, qk_scale=40.0, target_modules=["q_proj", "k_proj"])
+    assert export_lora(str(adapter), str(base), tmp_path / "good.gguf", "f32").verify is not None
+    monkeypatch.setattr(gl, "base_family", lambda config, where: dataclasses.replace(QWEN2, rules=RULES + QKV_BIASES,
+                                                                                     permute_qk=True))
+    with pytest.raises(VerificationError, match="FAILED"):
+        export_lora(str(adapter), str(base), tmp_path / "bad.gguf", "f32")
 
 
 def test_adapter_without_qk_permutation_fails_verification(bases, tmp_path, monkeypatch):

@@ -121,3 +121,20 @@ def test_auto_backend_picks_torch_for_adapters_that_train_embeddings(setup, tmp_
     opts.backend = "llamacpp"
     with pytest.raises(Exception, match="merge it"):
         resolve_backend(opts)
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_decode(engines, monkeypatch):
+    torch_engine, cpp = engines
+    real, seqs_per_decode = cpp.runner.decode, []
+
+    def counting(entries):
+        seqs_per_decode.append(len({seq for _, _, seq, _ in entries}))
+        return real(entries)
+
+    monkeypatch.setattr(cpp.runner, "decode", counting)
+    params = GenerationParams(max_new_tokens=6)
+    prompts = [cpp.chat_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:3]]
+    got = [r.text for batch in cpp.generate_many(prompts, params, batch_size=3, adapter="alpha") for r in batch]
+    assert seqs_per_decode[0] == 3  # the three prompts in one llama_decode
+    want = [r.text for batch in torch_engine.generate_many(prompts, params, 3, adapter="alpha") for r in batch]
+    assert got == want

@@ -30,6 +30,10 @@ class ExportConfig:
     base_model: str = opt("", "--format gguf-lora: the base model the adapter was trained on (folder, .gguf or "
                               "alias)")
     imatrix: str | None = opt(None, "importance matrix for the quantized types (llama.cpp's GGUF imatrix file)")
+    imatrix_data: str | None = opt(None, "compute the importance matrix for the quantized types from this text "
+                                         "(.txt or .jsonl with `text`; not your evaluation text) and save it "
+                                         "beside the output as <output>.imatrix.gguf")
+    imatrix_chunks: int = opt(100, "--imatrix-data: most chunks of 512 tokens read")
     ollama: bool = opt(False, "also write an Ollama Modelfile next to the output (FROM, ADAPTER, TEMPLATE, stop "
                               "tokens, generation defaults)")
     verify: bool = opt(True, "reload the output (transformers' GGUF loader, llama.cpp for quantized types and "
@@ -52,8 +56,13 @@ class ExportConfig:
         elif self.adapter:
             raise ConfigError("--adapter is for --format gguf-lora; to export a model with an adapter merged in, "
                               "run `lorakit merge` first")
-        if self.imatrix and self.dtype not in QUANT_TYPES:
-            raise ConfigError(f"--imatrix applies to the quantized types ({', '.join(QUANT_TYPES)}), not "
-                              f"{self.dtype}")
+        for flag, value in (("--imatrix", self.imatrix), ("--imatrix-data", self.imatrix_data)):
+            if value and self.dtype not in QUANT_TYPES:
+                raise ConfigError(f"{flag} applies to the quantized types ({', '.join(QUANT_TYPES)}), not "
+                                  f"{self.dtype}")
+        if self.imatrix and self.imatrix_data:
+            raise ConfigError("give --imatrix (a file) or --imatrix-data (text to compute one from), not both")
+        if self.imatrix_chunks < 1:
+            raise ConfigError("--imatrix-chunks must be >= 1")
         if self.ollama and self.format == "pth":
             raise ConfigError("--ollama writes a Modelfile for a GGUF export (--format gguf or gguf-lora)")

@@ -4,8 +4,15 @@ The file follows llama.cpp's own converter (convert_lora_to_gguf.py): `general.t
 `adapter.type = lora`, `adapter.lora.alpha`, and for each adapted weight `W` (its GGUF name, e.g.
 `blk.0.attn_q.weight`) two tensors `W.lora_a` = A [r, in] and `W.lora_b` = B [out, r] (torch shapes;
 GGUF lists dimensions the other way round). llama.cpp computes W x + (alpha / r) * B (A x), r taken
-from B's shape, as PEFT does. q/k projections are stored in llama.cpp's interleaved rotary order: the
-permutation acts on the output rows of W = the rows of B, so B is permuted and A is not.
+from B's shape, as PEFT does.
+
+Everything family-specific comes from the registry (models/families.py), as the converter takes it from
+the base model's class: the GGUF names, `general.architecture` (llama.cpp refuses an adapter whose
+architecture differs from the model's), and whether q/k are permuted. LLaMA/Mistral q/k projections are
+stored in llama.cpp's interleaved rotary order: the permutation acts on the output rows of W = the rows
+of B, so B is permuted and A is not; Qwen2/Qwen3/Gemma 3 run HF's half-split rotary and are not
+permuted. Nothing else is written: the base GGUF carries the rest (Llama 3's RoPE scaling is its
+`rope_freqs` tensor; an adapter does not change it, and the converter never adds it to adapters).
 
 PEFT scales that one `alpha / r` cannot express (rsLoRA's alpha / sqrt(r), alpha_pattern) are folded into
 B. Adapters that also train embeddings or the output head (modules_to_save, an extended vocabulary)
@@ -23,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, MismatchError
-from lorakit.models.layout import check_supported_config, hf_to_meta_rows, map_hf, rotary_heads
+from lorakit.models.families import Family, family_of_config
+from lorakit.models.layout import hf_to_meta_rows, rotary_heads
 
 log = logging.getLogger("lorakit")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -63,15 +71,22 @@ def trains_embeddings(adapter_dir: Path) -> str | None:
     return None
 
 
-def base_unsupported(base_dir: Path) -> str | None:
-    """Why GGUF LoRA adapters cannot be written for this base yet (None: they can). The adapter writer
-    knows the LLaMA/Mistral tensor layout without RoPE scaling; other families go through a merge."""
-    from lorakit.errors import MismatchError
+def base_family(base_config: dict[str, Any], where: str) -> Family:
+    """The registry family of the base (a clear MismatchError if none, or if its base GGUF cannot be written)."""
+    from lorakit.export.gguf_metadata import check_gguf_config
 
+    family = family_of_config(base_config, where)
+    check_gguf_config(family, base_config, where)
+    return family
+
+
+def base_unsupported(base_dir: Path) -> str | None:
+    """Why GGUF LoRA adapters cannot be written for this base (None: they can): every family of the
+    registry whose base GGUF lorakit writes is covered."""
     try:
-        check_supported_config(json.loads((base_dir / "config.json").read_text()), str(base_dir))
+        base_family(json.loads((base_dir / "config.json").read_text()), str(base_dir))
     except MismatchError as e:
-        return f"GGUF LoRA adapters are written for LLaMA/Mistral bases without RoPE scaling ({e})"
+        return f"no GGUF LoRA adapter for this base ({e})"
     return None
 
 
@@ -97,8 +112,9 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def lora_tensors(adapter_dir: Path, base_config: dict[str, Any], base_has_output: bool):
-    """Yield (gguf tensor name, tensor) for the adapter: `<W>.lora_a` [r, in], `<W>.lora_b` [out, r]."""
+def lora_tensors(adapter_dir: Path, base_config: dict[str, Any], base_has_output: bool, family: Family):
+    """Yield (gguf tensor name, tensor, B's rescale factor) for the adapter: `<W>.lora_a` [r, in],
+    `<W>.lora_b` [out, r], named and (q/k) permuted as `family` says."""
     import torch
 
     cfg = adapter_config(adapter_dir)
@@ -121,10 +137,10 @@ def lora_tensors(adapter_dir: Path, base_config: dict[str, Any], base_has_output
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     for module in sorted(pairs):
         ab = pairs[module]
-        mapped = map_hf(module + ".weight")
+        mapped = family.map_hf(module + ".weight")
         if mapped is None or set(ab) != {"A", "B"}:
-            raise AdapterNotConvertibleError(f"{adapter_dir}: cannot place the LoRA of {module} in a LLaMA GGUF; "
-                                             f"{MERGE_HINT}")
+            raise AdapterNotConvertibleError(f"{adapter_dir}: cannot place the LoRA of {module} in a {family.name} "
+                                             f"GGUF; {MERGE_HINT}")
         if mapped.rule.gguf == "output.weight" and not base_has_output:
             raise AdapterNotConvertibleError(f"{adapter_dir}: adapts lm_head, which this base ties to the embeddings "
                                              f"(no separate output tensor in llama.cpp); {MERGE_HINT}")
@@ -135,7 +151,7 @@ def lora_tensors(adapter_dir: Path, base_config: dict[str, Any], base_has_output
         factor = peft_scale / (alpha / r)
         if not math.isclose(factor, 1.0, rel_tol=1e-7):
             b = b * factor
-        heads = rotary_heads(mapped.rule, base_config)
+        heads = rotary_heads(mapped.rule, base_config) if family.permute_qk else None
         if heads:
             b = hf_to_meta_rows(b, heads)
         yield mapped.gguf + ".lora_a", a, factor
@@ -152,16 +168,16 @@ def write_gguf_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str =
     if outtype not in ("f32", "f16", "bf16"):
         raise ConfigError(f"GGUF LoRA adapters are written in f32, f16 or bf16, not {outtype}")
     base_config = json.loads((base_dir / "config.json").read_text())
-    check_supported_config(base_config, str(base_dir))
+    family = base_family(base_config, str(base_dir))
     src = SafetensorsFolder(base_dir)
     base_has_output = "lm_head.weight" in src.names and not base_config.get("tie_word_embeddings", False)
     src.close()
     cfg = adapter_config(adapter_dir)
     alpha = float(cfg.get("lora_alpha") or cfg.get("r") or 8)
-    tensors = list(lora_tensors(adapter_dir, base_config, base_has_output))
+    tensors = list(lora_tensors(adapter_dir, base_config, base_has_output, family))
     if not tensors:
         raise MismatchError(f"{adapter_dir}: no LoRA tensors in this adapter")
-    w = GGUFWriter(out, "llama")
+    w = GGUFWriter(out, family.gguf_arch)
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", alpha)

@@ -116,17 +116,37 @@ def export_lora(adapter: str, base_model: str, output: str | Path, dtype: str = 
 
 
 def verify_gguf_lora(base_dir: Path, adapter_dir: Path, lora_gguf: Path, dtype: str) -> VerifyResult | None:
-    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32."""
+    """llama.cpp: f32 base GGUF + this adapter vs PEFT: HF base + the adapter (unmerged), fp32 (tolerance:
+    the adapter type's plus llama.cpp's own error on the base, see verify_adapter_with_llamacpp)."""
     from lorakit.checkpoint.verify import merged_in_memory
     from lorakit.export.gguf_cache import cached_model_gguf
-    from lorakit.export.llamacpp_verify import verify_with_llamacpp
+    from lorakit.export.llamacpp_verify import verify_adapter_with_llamacpp
     from lorakit.formats.safetensors_io import param_count
 
     base_gguf = cached_model_gguf(base_dir, "f32")
-    return verify_with_llamacpp(f"GGUF LoRA {dtype}", param_count(base_dir), _vocab_rows(base_dir), base_gguf,
-                                dtype, reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
-                                                                                  dtype),
-                                adapters={"adapter": lora_gguf})
+    return verify_adapter_with_llamacpp(f"GGUF LoRA {dtype}", param_count(base_dir), _vocab_rows(base_dir),
+                                        base_gguf, dtype, adapter_gguf=lora_gguf,
+                                        reference=lambda dtype: merged_in_memory(str(base_dir), [str(adapter_dir)],
+                                                                                 dtype))
+
+
+def make_imatrix(cfg: ExportConfig) -> Path:
+    """--imatrix-data: the importance matrix of --model on that text (export/imatrix.py), saved beside the
+    output as `<output>.imatrix.gguf`."""
+    from lorakit.checkpoint.output import atomic_file
+    from lorakit.errors import OutputExistsError
+    from lorakit.export.imatrix import compute_imatrix
+    from lorakit.models import resolve_model_dir
+
+    out = Path(cfg.output).expanduser()
+    if out.exists() and not cfg.overwrite:  # before the forward passes, not after
+        raise OutputExistsError(f"output file {out} exists (pass --overwrite to replace it)")
+    path = out.with_name(out.name + ".imatrix.gguf")
+    with atomic_file(path, cfg.overwrite) as tmp:
+        s = compute_imatrix(resolve_model_dir(cfg.model), Path(cfg.imatrix_data).expanduser(), tmp,
+                            max_chunks=cfg.imatrix_chunks)
+    print(f"importance matrix: {s.tensors} weights, {s.chunks} chunks x 512 tokens of {cfg.imatrix_data} -> {path}")
+    return path
 
 
 def run_export(cfg: ExportConfig) -> int:
@@ -135,7 +155,8 @@ def run_export(cfg: ExportConfig) -> int:
         result = export_lora(cfg.adapter, cfg.base_model, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite)
         what = cfg.adapter
     else:
-        result = export_model(cfg.model, cfg.format, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite, cfg.imatrix)
+        imatrix = cfg.imatrix or (make_imatrix(cfg) if cfg.imatrix_data else None)
+        result = export_model(cfg.model, cfg.format, cfg.output, cfg.dtype, cfg.verify, cfg.overwrite, imatrix)
         what = cfg.model
     print(f"exported {what} -> {result.output} ({cfg.format}, {cfg.dtype}) in {result.seconds:.1f}s")
     if cfg.ollama:

@@ -1,10 +1,10 @@
 """Which engine runs a front end's requests: `--backend torch` (transformers + PEFT) or `llamacpp`.
 
 `auto` picks torch when an adapter trains embeddings/head (llama.cpp cannot apply those at run time) or
-its base is a family the GGUF LoRA writer does not cover yet
-or a GPU is present, else llama.cpp (CPU-only machines: measured 3.4x the tokens/s of the torch engine on
-SmolLM2-135M with an all-linear adapter, one bf16 stream: benchmarks/generate_speed.py --backends),
-falling back to torch when llama-cpp-python is not installed.
+its base is not a family of the registry (models/families.py) or a GPU is present, else llama.cpp
+(CPU-only machines: measured 3.4x the tokens/s of the torch engine on SmolLM2-135M with an all-linear
+adapter, one bf16 stream: benchmarks/generate_speed.py --backends), falling back to torch when
+llama-cpp-python is not installed.
 """
 
 from __future__ import annotations

@@ -60,11 +60,13 @@ class LlamaCppBatch:
     def requests(self) -> list[Request]:
         return [r.request for r in self.rows]
 
-    def fits(self, request: Request) -> bool:
-        """A free sequence, and KV cells for its whole prompt + max_new_tokens beside the running rows'."""
-        reserved = sum(len(r.request.prompt_ids) + r.request.params.max_new_tokens for r in self.rows)
+    def fits(self, request: Request, admitted: Sequence[Request] = ()) -> bool:
+        """A free sequence, and KV cells for its whole prompt + max_new_tokens beside the running rows' (and
+        those of `admitted`, requests about to be added with it)."""
+        others = [r.request for r in self.rows] + list(admitted)
+        reserved = sum(len(r.prompt_ids) + r.params.max_new_tokens for r in others)
         need = len(request.prompt_ids) + request.params.max_new_tokens
-        return bool(self.free) and (reserved + need <= self.runner.n_ctx or not self.rows)
+        return len(self.free) > len(admitted) and (reserved + need <= self.runner.n_ctx or not others)
 
     def _row(self, r: Request) -> _Row:
         from lorakit.generate.sampling import RowSampler, TokenStream, make_generator
@@ -91,17 +93,26 @@ class LlamaCppBatch:
         return int(scores[0].argmax())
 
     def add(self, requests: Sequence[Request]) -> None:
-        """Prefill each request's prompt (in chunks of n_batch) and pick its first token."""
+        """Prefill the requests' prompts together (one sequence each, packed into decodes of at most n_batch
+        tokens: fewer, larger llama_decode calls when several requests arrive at once) and pick each one's
+        first token right after the decode that computed its last prompt position."""
+        entries: list[tuple[int, int, int, bool]] = []
+        ends: list[_Row] = []  # the row of each entry that wants logits, in order
         for r in requests:
             row = self._row(r)
             self.runner.forget(row.seq)
             self.rows.append(row)
-            n, chunk = len(row.tokens), self.runner.n_batch
-            for start in range(0, n, chunk):
-                part = row.tokens[start:start + chunk]
-                outs = self.runner.decode([(t, start + j, row.seq, start + j == n - 1) for j, t in enumerate(part)])
-            row.next = self._pick(row, outs[-1])
-            self._push(row)
+            n = len(row.tokens)
+            entries += [(t, j, row.seq, j == n - 1) for j, t in enumerate(row.tokens)]
+            ends.append(row)
+        chunk, done = self.runner.n_batch, 0
+        for start in range(0, len(entries), chunk):
+            outs = self.runner.decode(entries[start:start + chunk])
+            for out in outs:  # logits are valid until the next decode: pick now
+                row = ends[done]
+                row.next = self._pick(row, out)
+                self._push(row)
+                done += 1
         self._prune()
 
     def step(self) -> None:
@@ -169,8 +180,11 @@ class LlamaCppEngine(Engine):
         waiting = list(requests)
         try:
             while waiting or batch:
-                while waiting and batch.fits(waiting[0]):
-                    batch.add([waiting.pop(0)])
+                admitted: list[Request] = []
+                while waiting and batch.fits(waiting[0], admitted):
+                    admitted.append(waiting.pop(0))
+                if admitted:
+                    batch.add(admitted)
                 if batch:
                     batch.step()
         except BaseException as e:
@@ -213,14 +227,15 @@ class LlamaCppEngine(Engine):
             with self._lock:
                 try:
                     self.runner.use_adapters(self._adapters_for(adapter))
-                    added = 0
-                    for r in admit:  # one at a time: each admission reserves its KV cells
-                        if len(batch) >= min(self.max_batch_size, self.runner.n_seq) or not batch.fits(r):
+                    admitted: list[Request] = []
+                    for r in admit:  # each admission reserves its KV cells
+                        if len(batch) + len(admitted) >= min(self.max_batch_size, self.runner.n_seq) or \
+                                not batch.fits(r, admitted):
                             break
                         pending.remove(r)
-                        batch.add([r])
-                        added += 1
-                    if added:
+                        admitted.append(r)
+                    if admitted:
+                        batch.add(admitted)  # their prompts prefilled together
                         self.batches_run += 1
                         self.batch_sizes.append(len(batch))
                     if batch:
