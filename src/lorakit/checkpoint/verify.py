@@ -1,18 +1,15 @@
-"""Logit round trips: does a written model compute what the in-memory reference computes?
+"""Logit checks shared by the verifiers: probes, tolerances, the comparison and its result.
 
-Used by `merge --verify` (reference: base + adapters applied in memory by PEFT, in order) and
-`export --verify` (reference: the exported HF model). The reference logits are computed first and the
-reference model freed before the written model is loaded, so a check never holds two models at once.
-Both run in fp32 when an fp32 copy fits in the available memory, else in bf16 (with a wider tolerance),
-else the check is skipped with a warning rather than killed by the kernel after the writing.
+`merge --verify` and `export --verify` run layer by layer (checkpoint/layerwise.py); `export --format
+gguf-lora` compares llama.cpp's logits with PEFT's (export/llamacpp_verify.py), the reference model built
+in fp32 when it fits in memory (`compute_dtype`), else in bf16 with a wider tolerance.
 The probes are fixed pseudo-random token ids covering the whole vocabulary (extended rows included).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,25 +47,6 @@ def compute_dtype(n_params: int, available: int | None = None) -> str | None:
         if n_params * peak <= available:
             return dtype
     return None
-
-
-def round_trip(what: str, n_params: int, vocab_size: int, weight_type: str,
-               reference: Callable[[str], PreTrainedModel], written: Callable[[str], PreTrainedModel]
-               ) -> VerifyResult | None:
-    """Logits of `written(dtype)` vs `reference(dtype)` (built and freed first) on probes of the whole
-    vocabulary, in the widest dtype that fits in memory; None (and a warning) if none fits."""
-    dtype = compute_dtype(n_params)
-    if dtype is None:
-        log.warning("%s: NOT verified: checking %.1fB parameters in bf16 needs ~%.0f GB, %.0f GB available. "
-                    "Check it on a larger machine with `lorakit generate`.", what, n_params / 1e9,
-                    n_params * PEAK_BYTES_PER_PARAM["bfloat16"] / 1e9, available_memory() / 1e9)
-        return None
-    ids = probe_ids(vocab_size)
-    ref = reference_logits(lambda: reference(dtype), ids)
-    model = written(dtype)
-    got = logits_of(model, ids)
-    del model
-    return compare(ref, got, weight_type, what, computed_in=dtype)
 
 
 class VerificationError(LorakitError):
@@ -110,29 +88,6 @@ def logits_of(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.inference_mode():
         return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def reference_logits(build: Callable[[], PreTrainedModel], ids: torch.Tensor) -> torch.Tensor:
-    """Build a model, take its fp32 logits (batch, length, vocab) for `ids` (batch, length), and free the
-    model before returning."""
-    model = build()
-    out = logits_of(model, ids)
-    del model
-    gc.collect()
-    _return_freed_memory()
-    return out
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed model back to the OS (glibc keeps freed tensors below its mmap threshold, ~2.4 GB
-    of a 2 GB model measured), so that the next model loads into it rather than next to it."""
-    import contextlib
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor, weight_type: str, what: str,

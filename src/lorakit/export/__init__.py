@@ -1,1 +1,1 @@
-"""`lorakit export`: GGUF (native writer) and Meta pth, verified by logits (checkpoint.verify)."""
+"""`lorakit export`: GGUF (native writer) and Meta pth, verified layer by layer (checkpoint.layerwise)."""

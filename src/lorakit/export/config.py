@@ -36,8 +36,8 @@ class ExportConfig:
     imatrix_chunks: int = opt(100, "--imatrix-data: most chunks of 512 tokens read")
     ollama: bool = opt(False, "also write an Ollama Modelfile next to the output (FROM, ADAPTER, TEMPLATE, stop "
                               "tokens, generation defaults)")
-    verify: bool = opt(True, "reload the output (transformers' GGUF loader, llama.cpp for quantized types and "
-                             "adapters, lorakit's pth reader) and compare logits with the source model")
+    verify: bool = opt(True, "read the output back and compare it with the source, one decoder layer at a "
+                             "time (memory: about one layer); a GGUF LoRA adapter: llama.cpp's logits vs PEFT's")
     overwrite: bool = opt(False, "replace an existing output")
 
     def validate(self) -> None:

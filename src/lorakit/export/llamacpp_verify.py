@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorakit.checkpoint.verify import VerifyResult, compare, compute_dtype, probe_ids, reference_logits
+from lorakit.checkpoint.verify import VerifyResult, compare, compute_dtype, probe_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,21 +31,6 @@ def llamacpp_logits(gguf: Path, ids, adapters: dict[str, Path] | None = None):
                        ) as model:
         model.use_adapters(list(adapters or {}))
         return torch.stack([torch.from_numpy(model.sequence_logits(r)) for r in rows])
-
-
-def verify_with_llamacpp(what: str, n_params: int, vocab_size: int, gguf: Path, weight_type: str,
-                         reference: Callable[[str], PreTrainedModel], tolerance: float | None = None,
-                         adapters: dict[str, Path] | None = None) -> VerifyResult | None:
-    """Compare llama.cpp's logits on `gguf` (+ `adapters`) with `reference("float32")`'s on the same
-    probes; raises VerificationError above the tolerance (`tolerance`, else the weight type's)."""
-    dtype = compute_dtype(n_params)
-    if dtype is None:
-        log.warning("%s: NOT verified: the reference model does not fit in memory here", what)
-        return None
-    ids = probe_ids(vocab_size)
-    ref = reference_logits(lambda: reference(dtype), ids)
-    got = llamacpp_logits(gguf, ids, adapters)[..., : ref.shape[-1]]
-    return compare(ref, got, weight_type, what, computed_in=dtype, relative=tolerance)
 
 
 def verify_adapter_with_llamacpp(what: str, n_params: int, vocab_size: int, base_gguf: Path, adapter_type: str,

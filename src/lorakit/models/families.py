@@ -64,8 +64,6 @@ class Family:
     gguf_keys: tuple[str, ...] = ()
     # config.json fields llama.cpp's converter assumes when a config omits them (Gemma 3's defaults)
     gguf_config_defaults: tuple[tuple[str, Any], ...] = ()
-    # transformers' GGUF loader rebuilds this family exactly (export --verify uses it; else llama.cpp)
-    transformers_gguf_loader: bool = False
     permute_qk: bool = True  # llama.cpp's interleaved rotary: permute q/k rows (LLaMA layout)
     gguf_norm_shift: float = 0.0  # added to every `*norm.weight` in GGUF (Gemma: 1 + w)
     meta_pth: bool = False  # a Meta `consolidated.NN.pth` layout exists (export/merge --output-type pth)
@@ -108,17 +106,16 @@ class Family:
 
 LLAMA = Family(
     "llama", ("llama",), "LlamaForCausalLM", RULES, "llama", ("vocab_size", "rope.dimension_count"),
-    meta_pth=True, transformers_gguf_loader=True,
+    meta_pth=True,
     attention_class="LlamaAttention", mlp_class="LlamaMLP", norm_class="LlamaRMSNorm",
     notes="LLaMA 1/2/3 (GQA, tied or untied head; Llama 3 RoPE scaling)")
 MISTRAL = Family(
     "mistral", ("mistral",), "MistralForCausalLM", RULES, "llama", ("vocab_size", "rope.dimension_count"),
-    meta_pth=True, transformers_gguf_loader=True,
+    meta_pth=True,
     attention_class="MistralAttention", mlp_class="MistralMLP", norm_class="MistralRMSNorm",
     notes="LLaMA layout; llama.cpp runs it as `llama` (no sliding window there)")
 QWEN2 = Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", _LLAMA_NO_META + QKV_BIASES, "qwen2", permute_qk=False,
-    transformers_gguf_loader=True,
     attention_class="Qwen2Attention", mlp_class="Qwen2MLP", norm_class="Qwen2RMSNorm",
     notes="Qwen2/Qwen2.5: q/k/v biases, NEOX rotary")
 QWEN3 = Family(
