@@ -132,7 +132,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     cp_s = rows[0][1]
-    print(f"\nshape {args.shape}: {model_bytes / 2**30:.2f} GiB bf16, 2 shards (timings on a shared, loaded machine)")
+    print(f"\nshape {args.shape}: {model_bytes / 2**30:.2f} GiB bf16, 2 shards")
     print(f"{'':40s} {'seconds':>8s} {'x cp':>6s} {'peak RSS GB':>12s}")
     for name, s, gb in rows:
         print(f"{name:40s} {s:8.1f} {s / cp_s:6.2f} {gb:12.2f}")

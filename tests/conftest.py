@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import CHATML_TEMPLATE, DATA_DIR, make_tiny_llama  # noqa: E402
+from tiny_models import CHATML_TEMPLATE, DATA_DIR, FAMILY_CASES, make_tiny_family, make_tiny_llama  # noqa: E402
 
 __all__ = ["CHATML_TEMPLATE", "ROOT", "DATA_DIR", "make_tiny_llama"]
 
@@ -40,6 +40,21 @@ def tiny_alpaca_json(data_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "alpaca64.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """case -> folder of a tiny random model of that family (tiny_models.FAMILY_CASES; built once per
+    session, on first use; tests must not modify it)."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in built:
+            built[case] = make_tiny_family(root / case, case, root / "tokenizer", seed=FAMILY_CASES.index(case))
+        return built[case]
+
+    return get
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -12,24 +12,10 @@ import torch
 
 from lorakit.errors import MismatchError
 from lorakit.models.families import BY_NAME, FAMILIES, family_of_config, family_of_dir
-from tiny_models import FAMILY_CASES, make_tiny_family
+from tiny_models import FAMILY_CASES
 
 CASE_FAMILY = {"llama2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma3": "gemma3"}
-
-
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory):
-    """case -> folder of a tiny random model of that family (built once per session, on first use)."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, Path] = {}
-
-    def get(case: str) -> Path:
-        if case not in built:
-            built[case] = make_tiny_family(root / case, case, root / "tokenizer", seed=FAMILY_CASES.index(case))
-        return built[case]
-
-    return get
 
 
 # ------------------------------------------------------------------------------------------- registry

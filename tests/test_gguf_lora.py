@@ -17,7 +17,7 @@ from lorakit.export.gguf_lora import AdapterNotConvertibleError, write_gguf_lora
 from lorakit.export.llamacpp_verify import llamacpp_logits
 from lorakit.export.run import export_lora, export_model
 from lorakit.models import load_model
-from tiny_models import FAMILY_CASES, make_tiny_family, make_tiny_llama
+from tiny_models import make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -69,28 +69,14 @@ def test_adapter_gguf_on_base_gguf_matches_peft(bases, tmp_path):
     assert (without - ref).abs().max().item() > 100 * diff  # the adapter really changed llama.cpp's output
 
 
-@pytest.fixture(scope="module")
-def family_base(tmp_path_factory):
-    """case -> a tiny random model of that family (tiny_models.FAMILY_CASES), built on first use."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, Path] = {}
-
-    def get(case: str) -> Path:
-        if case not in built:
-            built[case] = make_tiny_family(root / case, case, root / "tokenizer", seed=FAMILY_CASES.index(case))
-        return built[case]
-
-    return get
-
-
 @pytest.mark.parametrize("case", ["qwen2", "qwen3", "gemma3", "llama3"])
-def test_family_adapter_gguf_on_base_gguf_matches_peft(family_base, tmp_path, case):
+def test_family_adapter_gguf_on_base_gguf_matches_peft(tiny_family, tmp_path, case):
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma 3 (its norms, tied head) adapters are written unpermuted
     under their own architecture; Llama 3 with RoPE scaling permuted, its scaling left to the base GGUF's
     rope_freqs. llama.cpp (f32 base GGUF + adapter) computes PEFT's logits."""
     from lorakit.models.families import family_of_dir
 
-    base = family_base(case)
+    base = tiny_family(case)
     family = family_of_dir(base)
     adapter = make_adapter(base, tmp_path / "a", seed=6, target_modules=list(family.lora_targets))
     out = tmp_path / "a.gguf"
@@ -116,7 +102,7 @@ def test_family_adapter_gguf_on_base_gguf_matches_peft(family_base, tmp_path, ca
     assert (without - ref).abs().max().item() > 30 * diff  # the adapter really changed llama.cpp's output
 
 
-def test_qwen_adapter_with_llamas_qk_permutation_fails_verification(family_base, tmp_path, monkeypatch):
+def test_qwen_adapter_with_llamas_qk_permutation_fails_verification(tiny_family, tmp_path, monkeypatch):
     """The converse of the LLaMA check below: permuting a Qwen adapter's q/k (as for LLaMA) is caught."""
     import dataclasses
 
@@ -124,7 +110,7 @@ def test_qwen_adapter_with_llamas_qk_permutation_fails_verification(family_base,
     from lorakit.models.families import QKV_BIASES, QWEN2
     from lorakit.models.layout import RULES
 
-    base = family_base("qwen2")
+    base = tiny_family("qwen2")
     adapter = make_adapter(base, tmp_path / "a", seed=2, qk_scale=40.0, target_modules=["q_proj", "k_proj"])
     assert export_lora(str(adapter), str(base), tmp_path / "good.gguf", "f32").verify is not None
     monkeypatch.setattr(gl, "base_family", lambda config, where: dataclasses.replace(QWEN2, rules=RULES + QKV_BIASES,

@@ -7,13 +7,11 @@ until a block is fetched for a batch; the dataset itself holds only the block nu
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lorakit.errors import ConfigError
+from lorakit.data.holdout import held_out
 
 
 class TokenBlocks(Dataset):
@@ -40,15 +38,10 @@ class TokenBlocks(Dataset):
 
     def split(self, val_set_size: int, seed: int) -> tuple[TokenBlocks, TokenBlocks | None]:
         """Hold out `val_set_size` blocks: the same blocks, in the same order, as finetune's split_validation."""
-        if val_set_size <= 0:
-            return self, None
         n = len(self)
-        if val_set_size >= n:
-            raise ConfigError(f"--val-set-size {val_set_size} leaves no training data ({n} blocks); "
-                              f"use e.g. --val-set-size {max(1, n // 10)} or 0")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        held = np.asarray(order[:val_set_size], dtype=np.int64)
+        held = np.asarray(held_out(n, val_set_size, seed, "blocks"), dtype=np.int64)
+        if not len(held):
+            return self, None
         keep = np.ones(n, dtype=bool)
         keep[held] = False
         return (TokenBlocks(self.tokens, self.block_size, self.index[keep]),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lorakit.data.example_workers import batches, tokenize_in_workers
+from lorakit.data.holdout import held_out
 from lorakit.data.readers import data_files, iter_examples
 from lorakit.data.token_cache import (
     building,
@@ -96,17 +97,10 @@ class ExampleCache(torch.utils.data.Dataset):
 
     def split(self, val_set_size: int, seed: int) -> tuple[ExampleCache, ExampleCache | None]:
         """(train, validation): the examples finetune's split_validation holds out, in its order."""
-        import random
-
-        if val_set_size <= 0:
-            return self, None
         n = len(self)
-        if val_set_size >= n:
-            raise ConfigError(f"--val-set-size {val_set_size} leaves no training data ({n} examples); "
-                              f"use e.g. --val-set-size {max(1, n // 10)} or 0")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        held = np.asarray(order[:val_set_size], dtype=np.int64)
+        held = np.asarray(held_out(n, val_set_size, seed), dtype=np.int64)
+        if not len(held):
+            return self, None
         keep = np.ones(n, dtype=bool)
         keep[held] = False
         return self._view(self.index[keep]), self._view(self.index[held])

@@ -4,12 +4,11 @@ train LoRA, save."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.data.example_cache import load_or_build
-from lorakit.errors import ConfigError
+from lorakit.data.holdout import held_out
 from lorakit.models import check_vocab, ensure_pad_token, load_model, load_tokenizer, resolve_model_dir
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.prompts import get_prompter
@@ -23,15 +22,9 @@ Features = dict[str, list[int]]
 
 def split_validation(features: Sequence[Features], val_set_size: int, seed: int) -> tuple[list, list]:
     """Shuffle with `seed` and hold out `val_set_size` examples (alpaca-lora's train_test_split)."""
-    if val_set_size <= 0:
-        return list(features), []
-    if val_set_size >= len(features):
-        raise ConfigError(f"--val-set-size {val_set_size} leaves no training data ({len(features)} examples); "
-                          f"use e.g. --val-set-size {max(1, len(features) // 10)} or 0")
-    order = list(range(len(features)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:val_set_size])
-    return [f for i, f in enumerate(features) if i not in held], [features[i] for i in order[:val_set_size]]
+    held = held_out(len(features), val_set_size, seed)
+    skip = set(held)
+    return [f for i, f in enumerate(features) if i not in skip], [features[i] for i in held]
 
 
 def tokenized_examples(cfg: FinetuneConfig, tokenizer, prompter, model_dir: Path):
