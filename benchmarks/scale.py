@@ -2,7 +2,7 @@
 model, side by side with `cp` of the same files.
 
     .venv/bin/python benchmarks/scale.py --shape 1b                          # TinyLlama's shape, minutes
-    flock /work/wt/bigmem.lock .venv/bin/python benchmarks/scale.py --shape 7b   # LLaMA-2-7B's shape
+    .venv/bin/python benchmarks/scale.py --shape 7b   # LLaMA-2-7B's shape: ~27 GB of disk, 2 GB of RAM
 
 A random bf16 LLaMA of the shape (train_memory.py's writer: one tensor in memory at a time, 2 shards),
 LLaMA's SentencePiece-style test tokenizer (data/, 16k tokens, filled up to the vocabulary with added

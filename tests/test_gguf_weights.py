@@ -110,12 +110,12 @@ def test_quantized_tensors_read_in_chunks_equal_gguf_py_whole(family, tmp_path, 
 
 
 def test_header_reader_agrees_with_gguf_py(family, tmp_path):
-    """The header read without a memory map (gguf_header.py) gives gguf-py's GGUFReader's keys, values,
+    """The header read by models/headers.py gives gguf-py's GGUFReader's keys, values,
     tensor types, shapes and offsets; a truncated file is refused in one line."""
     from gguf import GGUFReader
 
     from lorakit.errors import DamagedFileError
-    from lorakit.export.gguf_header import read_layout
+    from lorakit.export.gguf_weights import read_layout
 
     src = family("gemma3")
     out = tmp_path / "m.gguf"

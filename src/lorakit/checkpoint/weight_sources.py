@@ -2,9 +2,9 @@
 under Hugging Face names and in HF layout (`checkpoint/layerwise.py`'s `WeightSource`).
 
 - `PthWeights`: a Meta `consolidated.NN.pth` folder (`export --format pth`, `merge --output-type pth`),
-  each shard opened with torch.load(mmap=True), so a tensor is read from disk when asked for. A mapped
-  file's touched pages count as resident memory until it is unmapped, so the shards are re-opened
-  (and the previous mapping dropped) whenever a tensor of another layer is asked for: what stays
+  each shard opened with torch.load(weights_only=True, mmap=True), so a tensor is read from disk when
+  asked for. A mapped file's touched pages count as resident memory until it is unmapped, so the shards
+  are re-opened (and the previous mapping dropped) whenever a tensor of another layer is asked for: what stays
   resident is about one layer, not the model.
 - `interleaved_to_half_rows`: the rows of a q/k projection from Meta's / llama.cpp's interleaved rotary
   layout back to HF's half-split one. It is written independently of the writers' permutation

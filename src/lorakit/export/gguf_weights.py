@@ -2,11 +2,11 @@
 
 The `WeightSource` of `export --verify` (checkpoint/layerwise.py) for every GGUF type lorakit writes:
 f32/f16/bf16/q8_0 (export/gguf_writer.py) and llama.cpp's quantizations of them (export/quantize.py).
-The header (names, types, shapes, byte offsets) is read once without mapping the file (gguf_header.py),
-and each tensor is read with os.preadv straight into its own buffer, so only the tensor asked for is
-ever resident (a mapped file's touched pages would count as resident
-memory: a 7B file is 4-13 GB). Block-quantized tensors are dequantized by gguf-py (independently of
-llama.cpp) in chunks of rows.
+The header (names, types, shapes, byte offsets) is read once by the damaged-file check's reader
+(models/headers.py, which touches only the header's pages), and each tensor is read with os.preadv
+straight into its own buffer, so only the tensor asked for is ever resident (a mapped file's touched
+pages would count as resident memory: a 7B file is 4-13 GB). Block-quantized tensors are dequantized
+by gguf-py (independently of llama.cpp) in chunks of rows.
 
 What the writer did, undone here with code of its own: GGUF names -> HF names (the family registry's
 rules), llama.cpp's interleaved q/k rows -> HF's half-split order (LLaMA/Mistral:
@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.checkpoint.weight_sources import config_dict, interleaved_to_half_rows, rotary_heads_of
 from lorakit.errors import DamagedFileError, MismatchError
-from lorakit.export.gguf_header import StoredTensor, read_layout
 from lorakit.models.families import Family, family_of_config
+from lorakit.models.headers import gguf_layout
 from lorakit.models.layout import TensorRule
 
 if TYPE_CHECKING:
@@ -37,6 +38,26 @@ if TYPE_CHECKING:
 ROPE_FREQS = "rope_freqs.weight"
 # Rows dequantized per step: bounds the float32 temporaries of gguf-py's dequantizer (~several x the output).
 CHUNK_ELEMENTS = 4 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in the file: its GGML type, HF-order shape (rows first) and byte range."""
+
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_layout(path: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
+    """(metadata but the vocabulary arrays; GGUF name -> StoredTensor) from a GGUF's header."""
+    from gguf import GGMLQuantizationType
+
+    fields, infos = gguf_layout(Path(path), metadata=True)
+    return fields, {name: StoredTensor(name, GGMLQuantizationType(t.ggml_type), tuple(reversed(t.dims)), t.start,
+                                       t.nbytes) for name, t in infos.items()}
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:

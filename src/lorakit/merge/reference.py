@@ -5,8 +5,7 @@ from the merge's own arithmetic (streaming.py).
 each adapter in order, takes its saved copy (modules_to_save, trainable tokens, a replaced base layer)
 or adds its whole LoRA update scale * B @ A (transposed for embeddings and fan_in_fan_out layers) in
 fp32, in one product over the whole matrix (no row blocks, no reused buffers, no output cast, no merge
-plan). Tied
-embeddings follow PEFT's forward pass: while no adapter changes embed_tokens or lm_head on its own, the
+plan). Tied embeddings follow PEFT's forward pass: while no adapter changes embed_tokens or lm_head on its own, the
 head is the (updated) embedding matrix; from the first adapter that does, the head starts as the shared
 matrix as it was then and takes only its own updates.
 Only adapter parsing (merge/adapters.py: keys, scale = alpha / r, rank and alpha patterns) is shared

@@ -13,7 +13,9 @@ import json
 import math
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lorakit.errors import DamagedFileError
 
@@ -123,13 +125,20 @@ class _Cursor:
         start = self.need(n)
         return bytes(self.buf[start:start + n])
 
-    def value(self, kind: int):
+    def value(self, kind: int, keep: bool = False):
+        """The next value of type `kind`: decoded when `keep`, else skipped (None) where only its size
+        matters (strings and arrays)."""
         if kind in _SCALAR:
             return self.scalar(_SCALAR[kind])
         if kind == _STRING:
-            return self.string()
+            text = self.string()
+            return text.decode("utf-8", "replace") if keep else text
         if kind == _ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
+            if keep:
+                if count > len(self.buf):
+                    raise _Short(self.pos + count)
+                return [self.value(item, True) for _ in range(count)]
             if item in _SCALAR:  # skip the items: only their size matters
                 self.need(struct.calcsize(_SCALAR[item]) * count)
                 return None
@@ -156,6 +165,28 @@ class _Short(Exception):
 
 def gguf_header(path: Path) -> dict[str, tuple[int, list[int]]]:
     """{tensor name: (ggml type, shape)} of a GGUF whose header, metadata and tensor ranges fit the file."""
+    return {name: (t.ggml_type, t.dims) for name, t in gguf_layout(path)[1].items()}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor of a GGUF's table: its GGML type, its dims in GGUF order (columns first) and the
+    absolute byte range of its data in the file."""
+
+    ggml_type: int
+    dims: list[int]
+    start: int
+    nbytes: int
+
+
+# metadata left out of gguf_layout's fields: the vocabulary arrays (~100k strings), walked past
+SKIPPED_METADATA = "tokenizer.ggml."
+
+
+def gguf_layout(path: Path, metadata: bool = False) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    """(metadata, tensors) of a GGUF whose header, metadata and tensor ranges fit the file; `metadata`
+    holds every key but the vocabulary arrays when asked for, else only `general.alignment`. Only the
+    header's pages are touched, and the file is unmapped before returning."""
     from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
 
     size = nonempty_size(path, "a GGUF file")
@@ -165,6 +196,7 @@ def gguf_header(path: Path) -> dict[str, tuple[int, list[int]]]:
         f.seek(0)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     cur = _Cursor(path, buf)
+    fields: dict[str, Any] = {}
     try:
         cur.need(4)
         version = cur.scalar("<I")
@@ -175,9 +207,12 @@ def gguf_header(path: Path) -> dict[str, tuple[int, list[int]]]:
             raise DamagedFileError(path, "corrupt: impossible tensor/metadata counts in its header", REDOWNLOAD)
         alignment = GGUF_DEFAULT_ALIGNMENT
         for _ in range(n_kv):
-            key, kind = cur.string(), cur.scalar("<I")
-            value = cur.value(kind)
-            if key == b"general.alignment" and isinstance(value, int) and value > 0:
+            key = cur.string().decode("utf-8", "replace")
+            keep = metadata and not key.startswith(SKIPPED_METADATA)
+            value = cur.value(cur.scalar("<I"), keep)
+            if keep:
+                fields[key] = value
+            if key == "general.alignment" and isinstance(value, int) and value > 0:
                 alignment = value
         infos: dict[str, tuple[int, list[int], int]] = {}
         for _ in range(n_tensors):
@@ -191,12 +226,14 @@ def gguf_header(path: Path) -> dict[str, tuple[int, list[int]]]:
     finally:
         del cur
         buf.close()
+    tensors: dict[str, GGUFTensorInfo] = {}
     end = data_start
     for name, (ggml_type, dims, offset) in infos.items():
         if ggml_type not in GGML_QUANT_SIZES:
             raise DamagedFileError(path, f"corrupt: tensor {name!r} has unknown type {ggml_type}", REDOWNLOAD)
         block, type_size = GGML_QUANT_SIZES[ggml_type]
-        end = max(end, data_start + offset + math.prod(dims) // block * type_size)
+        tensors[name] = GGUFTensorInfo(ggml_type, dims, data_start + offset, math.prod(dims) // block * type_size)
+        end = max(end, tensors[name].start + tensors[name].nbytes)
     if size < end:
         raise truncated(path, size, end)
-    return {name: (t, dims) for name, (t, dims, _) in infos.items()}
+    return fields, tensors
