@@ -5,8 +5,6 @@ tiny models in test_export.py, where it is fast.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,26 +12,10 @@ from lorakit.checkpoint.verify import logits_of, probe_ids
 from lorakit.export.run import export_model
 from lorakit.merge.run import merge_model
 from lorakit.models import load_model, load_tokenizer, resolve_model_dir
+from tiny_models import make_tiny_adapter
 
 pytestmark = pytest.mark.real_model
 NEW_TOKENS = 12
-
-
-def _random_adapter(base: Path, out: Path) -> Path:
-    """LoRA on all linear layers with random A and small random B (so the merge changes the model but
-    keeps it fluent enough that greedy decoding is not a near-tie everywhere)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = load_model(base, "float32")
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                  init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.02)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def _greedy_hf(model, prompt: list[int]) -> list[int]:
@@ -47,7 +29,9 @@ def _greedy_hf(model, prompt: list[int]) -> list[int]:
 
 def test_smollm2_merge_gguf_transformers_and_llama_cpp_agree(tmp_path):
     base = resolve_model_dir("smollm2-135m")
-    adapter = _random_adapter(base, tmp_path / "adapter")
+    # all linear layers, random A and small random B: the merge changes the model but keeps it fluent enough
+    # that greedy decoding is not a near-tie everywhere
+    adapter = make_tiny_adapter(base, tmp_path / "adapter", r=8, targets="all-linear", init_lora_weights=False)
     merged = merge_model("smollm2-135m", [str(adapter)], tmp_path / "merged")  # verified against PEFT
     assert merged.verify.max_abs_diff <= merged.verify.tolerance
 

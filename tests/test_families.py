@@ -12,7 +12,7 @@ import torch
 
 from lorakit.errors import MismatchError
 from lorakit.models.families import BY_NAME, FAMILIES, family_of_config, family_of_dir
-from tiny_models import FAMILY_CASES
+from tiny_models import FAMILY_CASES, make_tiny_adapter
 
 CASE_FAMILY = {"llama2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma3": "gemma3"}
@@ -152,21 +152,8 @@ def test_gemma3_gguf_norms_are_one_plus_w(tiny_family):
 
 def _random_adapter(base: Path, out: Path, seed: int = 0, targets: tuple[str, ...] | None = None) -> Path:
     """A LoRA on the family's targets with random A and B (a merge that changes every targeted weight)."""
-    from peft import LoraConfig, get_peft_model
-
-    from lorakit.models import load_model
-
-    torch.manual_seed(seed)
-    model = load_model(base, "float32")
-    family = family_of_dir(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets or
-                                                  family.lora_targets), init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    peft_model.save_pretrained(out)
-    return out
+    return make_tiny_adapter(base, out, r=4, targets=tuple(targets or family_of_dir(base).lora_targets), seed=seed,
+                             b_std=0.05, init_lora_weights=False)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ alone (no rendezvous), or a batch not split over the two machines, would take di
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from lorakit.errors import ConfigError
 from lorakit.train.config import FinetuneConfig
 from lorakit.train.distributed_config import rendezvous_args
 from lorakit.train.launch import torchrun_command, worker_env
+from servers import free_port
 
 COMMON = dict(precision="fp32", lora_dropout=0.0, batch_size=8, micro_batch_size=2, num_epochs=2,
               learning_rate=1e-2, warmup_steps=0, val_set_size=0, cutoff_len=64, prompt_template="alpaca_short",
@@ -34,12 +34,6 @@ def data8(data_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("nodes") / "train8.json"
     path.write_text(json.dumps(records))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finetune(model, data, out, *extra):

@@ -11,7 +11,7 @@ import torch
 
 from lorakit.models.quantize import bnb_config, prepare_for_kbit_training
 from lorakit.precision import bf16_supported
-from test_quantize import qopts
+from test_quantize import _lora, qopts
 from tiny_models import make_tiny_llama
 
 DTYPES = [torch.float32, torch.bfloat16] if bf16_supported("cpu") else [torch.float32]
@@ -33,18 +33,7 @@ def quantized(model_dir: Path, quantization: str, dtype: torch.dtype):
 
 def with_lora(model):
     """All-linear LoRA (fp32) with a random B drawn by name, the same on every model built here."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(1)
-    for name, p in sorted(peft.named_parameters()):
-        if p.requires_grad:
-            p.data = p.data.float()
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=gen) * 0.05
-    return peft.train()
+    return _lora(model, "fp32", lorakit=False)
 
 
 def step(model, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

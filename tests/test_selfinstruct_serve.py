@@ -4,7 +4,6 @@ end against `lorakit serve` (a random tiny model that answers nonsense)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from lorakit.selfinstruct.config import SelfInstructConfig
 from lorakit.selfinstruct.run import generate
+from servers import free_port
 from test_selfinstruct_e2e import ROOT, SECRET, FakeOpenAI, cli_env, parse_summary, run_cli
 
 
@@ -41,18 +41,12 @@ def test_output_feeds_finetune(tmp_path, tiny_chat_model):
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_against_lorakit_serve(tmp_path, tiny_chat_model):
     """The real pipeline against `lorakit serve` with a random tiny model: its nonsense replies are counted
     as unparseable, the request budget stops the run, nothing crashes and nothing is written."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     server_env = cli_env(LORAKIT_API_KEY=SECRET, LORAKIT_LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base-model", str(tiny_chat_model),
                              "--port", str(port)], env=server_env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -4,10 +4,6 @@ requests and a client that disconnects. Answers are checked against HF generate 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,15 +11,10 @@ import httpx
 import openai
 import pytest
 
+from servers import lorakit_serve
 from test_generate_helpers import hf_greedy, make_adapter, penalized_greedy, tiny_chat_model
 
 KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +22,10 @@ def server(tmp_path_factory):
     model_dir = tiny_chat_model(tmp_path_factory)
     root = tmp_path_factory.mktemp("adapters")
     alpha = make_adapter(model_dir, root / "alpha", seed=3)
-    port = free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--base-model", str(model_dir),
-                             "--precision", "fp32", "--backend", "torch",  # llama.cpp's: test_llamacpp_*
-                             "--lora-weights", f"alpha={alpha}", "--port", str(port), "--api-key", KEY,
-                             "--gather-ms", "100"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError("server did not start:\n" + (root / "server.log").read_text())
-        time.sleep(0.3)
-    yield {"url": url, "model_dir": model_dir, "alpha": alpha, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
+    args = ["--base-model", str(model_dir), "--precision", "fp32", "--backend", "torch",  # llama.cpp's: test_llamacpp_*
+            "--lora-weights", f"alpha={alpha}", "--api-key", KEY, "--gather-ms", "100"]
+    with lorakit_serve(args, root / "server.log", env={"HF_HUB_OFFLINE": "1"}) as (url, proc):
+        yield {"url": url, "model_dir": model_dir, "alpha": alpha, "proc": proc}
 
 
 @pytest.fixture(scope="module")

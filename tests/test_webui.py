@@ -4,24 +4,18 @@ press Submit, watch the text stream in, and check it against HF generate run her
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from servers import free_port
 from test_generate_helpers import hf_greedy, tiny_chat_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SETUP = Path(__file__).resolve().parents[1] / "scripts" / "setup.d" / "30-chromium.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

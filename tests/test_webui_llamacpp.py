@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from servers import free_port
 from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model
-from test_webui import CHROMIUM_ARGS, chromium, free_port  # noqa: F401 (chromium is a fixture)
+from test_webui import CHROMIUM_ARGS, chromium  # noqa: F401 (chromium is a fixture)
 
 INSTRUCTION = "Describe a llama."
 NEW_TOKENS = 40

@@ -45,21 +45,25 @@ def make_tiny_llama(path: Path, *, hidden_size: int = 64, layers: int = 2, heads
     return path
 
 
-def make_tiny_adapter(model_dir: Path, path: Path, *, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-                      seed: int = 0) -> Path:
-    """Save a PEFT LoRA adapter for the model in `model_dir` with random (non-zero) A and B (< 1 s)."""
+def make_tiny_adapter(model_dir: Path, path: Path, *, r: int = 4, alpha: int | None = None,
+                      targets: tuple[str, ...] | str = ("q_proj", "v_proj"), seed: int = 0, b_std: float = 0.02,
+                      init_lora_weights: bool = True) -> Path:
+    """Save a PEFT LoRA adapter for the model in `model_dir` (lora_alpha 2r unless given) with non-zero
+    A and B: B drawn N(0, b_std) after PEFT's init (`init_lora_weights=False`: nn.Linear's init for both
+    first). `targets` may be "all-linear". A second of work for the tiny models, a few for SmolLM2."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                  task_type="CAUSAL_LM"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    target_modules = targets if isinstance(targets, str) else list(targets)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=target_modules,
+                                                  init_lora_weights=init_lora_weights, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02)
+                p.normal_(0, b_std)
     peft_model.save_pretrained(path)
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 
@@ -42,3 +44,39 @@ def usable_cores() -> int:
     except (OSError, ValueError):
         pass
     return max(1, count)
+
+
+def release_free_heap() -> int:
+    """Hand memory that is free but still resident back to the kernel (glibc's malloc_trim); returns 1 if
+    any was released, 0 if none or not on glibc.
+
+    glibc serves allocations below its mmap threshold (which rises to 32 MB as large blocks are freed) from
+    heaps it keeps: after many tensors of a few MB were read and freed (quantizing a model at load), their
+    pages stay resident, measured 0.2-0.7 GB on a 1B model quantized to 8-bit."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(libc_name).malloc_trim if libc_name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return 0
+    return int(trim(0)) if trim is not None else 0
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def unpool_large_blocks(threshold: int) -> bool:
+    """Have glibc map every block of at least `threshold` bytes on its own and unmap it when freed
+    (mallopt M_MMAP_THRESHOLD, which also stops the threshold rising with each large free, up to 32 MB by
+    default); returns whether it took effect (glibc only).
+
+    Below the threshold, freed blocks go back to glibc's heaps, whose pages stay resident when the heap is
+    fragmented. A quantized base is chosen to save memory, so `models/quantize.load_quantized` unpools
+    blocks of 1 MB and up: the full-precision tensors read for quantizing, then the activations of every
+    step. Measured on the 7B LLaMA shape in 8-bit, LoRA step without checkpointing: peak 8.66 GB, vs 9.60
+    GB with a 4 MB threshold, at ~10% more s/step (each activation is mapped afresh); docs/performance.md."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False

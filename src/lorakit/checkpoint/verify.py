@@ -58,13 +58,15 @@ class VerificationError(LorakitError):
 @dataclass
 class VerifyResult:
     """Max |logit difference| of a written model vs its reference, the largest |reference logit|, the
-    tolerance, the argmax agreement and the dtype both were computed in."""
+    tolerance, the argmax agreement, the dtype both were computed in and, for a quantized file, the worst
+    weight error."""
 
     max_abs_diff: float
     max_abs_logit: float
     tolerance: float
     argmax_agreement: float
     computed_in: str = "float32"
+    weight_error: float | None = None  # worst per-weight error of a quantized file vs its tolerance (GGUF types)
 
     def summary(self) -> str:
         where = "" if self.computed_in == "float32" else f", both computed in {self.computed_in} to fit in memory"

@@ -15,6 +15,7 @@ tolerances are wider (`QUANT_LAYER_TOLERANCE`); each weight's relative error ||r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -69,7 +70,7 @@ def verify_gguf_layerwise(src: Path, gguf: Path, dtype: str) -> VerifyResult:
             # stored type "q8_0" names the family of block types; both tolerances are given explicitly
             result = verify_layerwise(what, config, last, errors, "q8_0", _vocab_rows(reference),
                                       relative=QUANT_LAYER_TOLERANCE[dtype], logit_relative=LOGIT_TOLERANCE)
-            result.weight_error = errors.worst()  # type: ignore[attr-defined]
+            result = dataclasses.replace(result, weight_error=errors.worst())
         else:
             result = verify_layerwise(what, config, reference, written, dtype, _vocab_rows(reference))
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.machine import release_free_heap, unpool_large_blocks
 from lorakit.models.resolve import cache_root
 
 if TYPE_CHECKING:
@@ -143,12 +144,14 @@ def load_quantized(folder: Path, opts: Quantization, dtype: torch.dtype,
     require_bitsandbytes(opts.quantization)
     check_quantized_base(folder, opts)
     quiet_bitsandbytes()
+    unpool_large_blocks(1 << 20)  # a quantized base is chosen to save memory: freed tensors leave the process
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation,
               "quantization_config": bnb_config(opts, dtype),
               "device_map": {"": 0} if torch.cuda.is_available() else {"": "cpu"}}
     model = load_streaming(folder, kwargs)
     if model is None:  # not safetensors, or an architecture transformers does not export by name
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    release_free_heap()  # what the heaps still hold of the full-precision tensors read for quantizing
     log.info("base loaded in %s (%s)", opts.quantization, describe_model(model))
     return model
 
@@ -229,6 +232,10 @@ def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bo
 
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         return model
+    if getattr(model, "is_loaded_in_8bit", False):
+        from lorakit.models.int8_training import lean_int8_training
+
+        lean_int8_training(model)
     for param in model.parameters():
         param.requires_grad = False
         if (param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit"

@@ -25,10 +25,11 @@ def _train_command(cfg: Any, verb: str, next_step: Callable[[Any, str], list[str
     code = relaunch_if_needed(cfg, verb)
     if code is not None:
         return code
-    from lorakit.train.distributed import is_main_process
+    from lorakit.train.distributed import end_process_group, is_main_process
 
     train_here = getattr(importlib.import_module(f"lorakit.train.{verb}"), verb)  # finetune.finetune, ...
     summary = train_here(cfg)
+    end_process_group()
     if is_main_process():
         print(summary.describe())
         print(f"adapter: {summary.output_dir} (loss plot: {summary.output_dir}/loss.png)")

@@ -24,6 +24,18 @@ def across_processes(value: Any) -> list[Any]:
     return values
 
 
+def end_process_group() -> None:
+    """Leave the process group once training is done (a no-op outside one).
+
+    Without it the gloo/nccl threads are torn down while the interpreter exits, which now and then aborts
+    a worker ("terminate called without an active exception", SIGABRT) after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process leaves while another still gathers the adapter or writes the plot
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     """Number of training processes (WORLD_SIZE; 1 outside a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
