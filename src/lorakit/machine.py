@@ -72,8 +72,9 @@ def unpool_large_blocks(threshold: int) -> bool:
     Below the threshold, freed blocks go back to glibc's heaps, whose pages stay resident when the heap is
     fragmented. A quantized base is chosen to save memory, so `models/quantize.load_quantized` unpools
     blocks of 1 MB and up: the full-precision tensors read for quantizing, then the activations of every
-    step. Measured on the 7B LLaMA shape in 8-bit, LoRA step without checkpointing: peak 8.66 GB, vs 9.60
-    GB with a 4 MB threshold, at ~10% more s/step (each activation is mapped afresh); docs/performance.md."""
+    step. Measured on the 7B LLaMA shape in 8-bit, LoRA step without checkpointing: peak 8.74 GB, vs 9.38
+    GB with a 4 MB threshold; the price is ~10% more s/step at 7B, ~35% at 1B (each activation is mapped
+    afresh); docs/performance.md."""
     libc_name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
