@@ -148,6 +148,9 @@ def test_missing_tensor_or_wrong_shape_is_one_clear_error(models):
     state = _state(model)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:-1]
     assert "has shape" in _fails(model, state)
+    state = _state(model)  # a decoder layer's tensor: named, not a size-mismatch traceback
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:-1]
+    assert "model.layers.1.mlp.up_proj.weight has shape" in _fails(model, state)
 
 
 @pytest.mark.parametrize("case", ["llama2", "qwen2", "gemma3"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Any
 
 
 def available_memory() -> int:
@@ -46,6 +47,15 @@ def usable_cores() -> int:
     return max(1, count)
 
 
+def _glibc(name: str) -> Any:
+    """The C library's function `name` (ctypes), or None where there is none (musl, macOS)."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(libc_name), name) if libc_name else None
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_heap() -> int:
     """Hand memory that is free but still resident back to the kernel (glibc's malloc_trim); returns 1 if
     any was released, 0 if none or not on glibc.
@@ -53,11 +63,7 @@ def release_free_heap() -> int:
     glibc serves allocations below its mmap threshold (which rises to 32 MB as large blocks are freed) from
     heaps it keeps: after many tensors of a few MB were read and freed (quantizing a model at load), their
     pages stay resident, measured 0.2-0.7 GB on a 1B model quantized to 8-bit."""
-    libc_name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(libc_name).malloc_trim if libc_name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return 0
+    trim = _glibc("malloc_trim")
     return int(trim(0)) if trim is not None else 0
 
 
@@ -75,9 +81,5 @@ def unpool_large_blocks(threshold: int) -> bool:
     step. Measured on the 7B LLaMA shape in 8-bit, LoRA step without checkpointing: peak 8.74 GB, vs 9.38
     GB with a 4 MB threshold; the price is ~10% more s/step at 7B, ~35% at 1B (each activation is mapped
     afresh); docs/performance.md."""
-    libc_name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
-    except (OSError, AttributeError):
-        return False
+    mallopt = _glibc("mallopt")
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False

@@ -72,9 +72,7 @@ class FolderSource:
         return self.folder.names
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.folder:
-            raise KeyError(name)
-        return self.folder.get(name)
+        return self.folder.get(name)  # KeyError for a name the folder lacks
 
     def close(self) -> None:
         self.folder.close()
@@ -90,11 +88,14 @@ def _materialize(module, prefix: str, source: WeightSource, side: str, pool: dic
     copy_ = copy.deepcopy(module)
     state = {}
     pool = {} if pool is None else pool
-    for key in module.state_dict():
+    for key, meta in module.state_dict().items():
         try:
             w = source.get(prefix + key)
         except KeyError:
             raise VerificationError(f"the {side} model has no tensor {prefix + key}") from None
+        if w.shape != meta.shape:
+            raise VerificationError(f"the {side} model's {prefix + key} has shape {list(w.shape)}, the config "
+                                    f"gives {list(meta.shape)}")
         buf = pool.get(key)
         if buf is None or buf.shape != w.shape:
             buf = pool[key] = torch.empty(w.shape, dtype=torch.float32)

@@ -14,14 +14,13 @@ under Hugging Face names and in HF layout (`checkpoint/layerwise.py`'s `WeightSo
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.errors import MismatchError, ModelNotFoundError
-from lorakit.models.layout import RULES, TensorRule
+from lorakit.models.layout import TensorRule, map_meta, rotary_heads
 
 if TYPE_CHECKING:
     import torch
@@ -43,25 +42,9 @@ def interleaved_to_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.index_select(0, index)
 
 
-def rotary_heads_of(rule: TensorRule, config: dict[str, Any]) -> int | None:
-    """The heads the rows of this tensor were permuted with (None: a tensor that is not permuted)."""
-    if rule.rotary == "q":
-        return int(config["num_attention_heads"])
-    if rule.rotary == "k":
-        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    return None
-
-
 def config_dict(config: Any) -> dict[str, Any]:
     """An HF config (PretrainedConfig or config.json dict) as a dict."""
     return config if isinstance(config, dict) else config.to_dict()
-
-
-def _template(t: str) -> re.Pattern[str]:
-    return re.compile(re.escape(t).replace(r"\{\}", r"(\d+)"))
-
-
-_META_NAMES = [(_template(r.meta), r) for r in RULES if r.meta]
 
 
 class PthWeights:
@@ -79,7 +62,6 @@ class PthWeights:
         self.files = sorted(self.folder.glob("consolidated.*.pth"))
         if not self.files or not (self.folder / "params.json").is_file():
             raise ModelNotFoundError(str(self.folder), [f"params.json and consolidated.*.pth in {self.folder}"])
-        self.params = json.loads((self.folder / "params.json").read_text())
         self._group: str | None = None  # the layer (or "" for the other tensors) whose mapping is open
         self._shards: list[dict[str, torch.Tensor]] = []
         self._open("")
@@ -87,11 +69,10 @@ class PthWeights:
         for name in self._shards[0]:
             if name.endswith("rope.freqs"):
                 continue
-            found = next(((m, r) for p, r in _META_NAMES if (m := p.fullmatch(name))), None)
-            if found is None:
+            mapped = map_meta(name)
+            if mapped is None:
                 raise MismatchError(f"{self.files[0]}: unknown Meta tensor {name!r}")
-            m, rule = found
-            self._by_hf[rule.hf.format(*m.groups())] = (name, rule)
+            self._by_hf[mapped.hf] = (name, mapped.rule)
         for f, shard in zip(self.files[1:], self._shards[1:], strict=True):
             if set(shard) != set(self._shards[0]):
                 raise MismatchError(f"{f}: not the same tensors as {self.files[0].name}")
@@ -121,7 +102,7 @@ class PthWeights:
         parts = [shard[meta] for shard in self._shards]
         split = rule.meta_split
         w = parts[0].clone() if split is None or len(parts) == 1 else torch.cat(parts, dim=split)
-        heads = rotary_heads_of(rule, self.config)
+        heads = rotary_heads(rule, self.config)
         return interleaved_to_half_rows(w, heads) if heads else w
 
     def close(self) -> None:

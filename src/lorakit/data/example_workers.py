@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lorakit.data.readers import Example
-from lorakit.data.tokenize import IGNORE_INDEX, tokenize_example
+from lorakit.data.tokenize import IGNORE_INDEX, fully_masked, tokenize_example
 from lorakit.errors import DataError
 
 BATCH_EXAMPLES = 64
@@ -55,7 +55,7 @@ def tokenize_batch(batch: list[Example], job: dict[str, Any] | None = None) -> B
             return BatchResult(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), len(batch),
                                error=(e.path, e.line, e.field, e.reason))
         x, y = feats["input_ids"], feats["labels"]
-        if all(label == IGNORE_INDEX for label in y[1:]):
+        if fully_masked(y):
             dropped += 1
             continue
         keep = [int(label != IGNORE_INDEX) for label in y]

@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset
 
 from lorakit.data.readers import data_files, iter_examples
 from lorakit.data.segments import SegmentResult, _batches, _documents, plan_segments, text_files
-from lorakit.data.tokenize import IGNORE_INDEX, tokenize_example
+from lorakit.data.tokenize import fully_masked, tokenize_example
 from lorakit.errors import DataError
 
 log = logging.getLogger("lorakit")
@@ -68,7 +68,7 @@ class StreamedExamples(EndlessStream):
                     continue
                 feats = tokenize_example(item, self.prompter, self.tokenizer, self.cutoff_len,
                                          self.train_on_inputs, self.add_eos_token)
-                if all(label == IGNORE_INDEX for label in feats["labels"][1:]):
+                if fully_masked(feats["labels"]):
                     continue
                 yield feats
         if skipped:

@@ -91,6 +91,11 @@ def tokenize_example(example: Example, prompter: Prompter | ChatPrompter, tokeni
     return feats
 
 
+def fully_masked(labels: list[int]) -> bool:
+    """No label to learn from (the first is never predicted): the prompt filled the whole cutoff_len."""
+    return all(label == IGNORE_INDEX for label in labels[1:])
+
+
 def tokenize_examples(examples: Sequence[Example], prompter: Prompter | ChatPrompter,
                       tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256, train_on_inputs: bool = True,
                       add_eos_token: bool = True, drop_fully_masked: bool = True) -> list[Features]:
@@ -98,7 +103,7 @@ def tokenize_examples(examples: Sequence[Example], prompter: Prompter | ChatProm
     out = []
     for ex in examples:
         feats = tokenize_example(ex, prompter, tokenizer, cutoff_len, train_on_inputs, add_eos_token)
-        if drop_fully_masked and all(label == IGNORE_INDEX for label in feats["labels"][1:]):
+        if drop_fully_masked and fully_masked(feats["labels"]):
             continue
         out.append(feats)
     return out

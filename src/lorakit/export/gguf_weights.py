@@ -18,18 +18,18 @@ embeddings for it.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.checkpoint.weight_sources import config_dict, interleaved_to_half_rows, rotary_heads_of
+from lorakit.checkpoint.weight_sources import config_dict, interleaved_to_half_rows
 from lorakit.errors import DamagedFileError, MismatchError
+from lorakit.formats.safetensors_io import pread_fully
 from lorakit.models.families import Family, family_of_config
 from lorakit.models.headers import gguf_layout
-from lorakit.models.layout import TensorRule
+from lorakit.models.layout import TensorRule, rotary_heads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,12 +62,9 @@ def read_layout(path: Path) -> tuple[dict[str, Any], dict[str, StoredTensor]]:
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
     view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise DamagedFileError(path, f"truncated: {len(view) - done} bytes missing at offset {offset + done}")
-        done += n
+    done = pread_fully(fd, view, offset)
+    if done < len(view):
+        raise DamagedFileError(path, f"truncated: {len(view) - done} bytes missing at offset {offset + done}")
 
 
 class GGUFWeights:
@@ -110,7 +107,7 @@ class GGUFWeights:
         stored, rule = self._by_hf[name]
         w = self.read_stored(stored)
         if self.family.permute_qk:
-            heads = rotary_heads_of(rule, self.config)
+            heads = rotary_heads(rule, self.config)
             if heads:
                 w = interleaved_to_half_rows(w, heads)
         if self.family.gguf_norm_shift and name.endswith("norm.weight"):

@@ -45,6 +45,18 @@ def st_dtype(dtype: torch.dtype) -> str:
     return _TORCH_TO_ST[str(dtype).removeprefix("torch.")]
 
 
+def pread_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Fill `view` (bytes) from file `fd` at `offset`, without a memory map and without moving the file
+    position; returns the bytes read: len(view), or fewer where the file ends."""
+    done = 0
+    while done < len(view):  # one read returns at most ~2 GB
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 class SafetensorsFolder:
     """The tensors of an HF model folder (`model.safetensors` or an index + shards), opened lazily."""
 
@@ -107,12 +119,8 @@ class SafetensorsFolder:
             self._handle = open(self.folder / fname, "rb", buffering=0)  # noqa: SIM115 (closed by close())
             self._open_file = fname
         raw = torch.empty(end - start, dtype=torch.uint8)
-        view, done = memoryview(raw.numpy()), 0
-        while done < len(view):  # one read returns at most ~2 GB
-            n = os.preadv(self._handle.fileno(), [view[done:]], start + done)
-            if n <= 0:
-                raise MismatchError(f"{self.folder / fname}: truncated safetensors file (tensor {name})")
-            done += n
+        if pread_fully(self._handle.fileno(), memoryview(raw.numpy()), start) < end - start:
+            raise MismatchError(f"{self.folder / fname}: truncated safetensors file (tensor {name})")
         return raw.view(torch_dtype(dtype)).reshape(shape)
 
     def close(self) -> None:

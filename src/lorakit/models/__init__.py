@@ -11,6 +11,7 @@ from lorakit.models.load import (
     load_model_and_tokenizer,
     load_tokenizer,
     resize_embeddings,
+    tokenizer_source,
 )
 from lorakit.models.resolve import ALIASES, resolve_adapter_dir, resolve_model_dir
 
@@ -28,4 +29,5 @@ __all__ = [
     "resize_embeddings",
     "resolve_adapter_dir",
     "resolve_model_dir",
+    "tokenizer_source",
 ]

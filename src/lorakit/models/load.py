@@ -25,6 +25,12 @@ log = logging.getLogger("lorakit")
 _VOCAB_PADDING_SLACK = 128
 
 
+def tokenizer_source(model_dir: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None = None) -> Path:
+    """Where the tokenizer is read from: `tokenizer` if given (a folder, `tokenizer.model` or .gguf), else
+    `model_dir`."""
+    return Path(tokenizer).expanduser() if tokenizer else Path(model_dir)
+
+
 def load_tokenizer(model_dir: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None = None,
                    add_pad_token: bool = True) -> PreTrainedTokenizerBase:
     """Load the tokenizer of `model_dir`, or `tokenizer` if given (a folder, `tokenizer.model` or .gguf).
@@ -33,7 +39,7 @@ def load_tokenizer(model_dir: str | os.PathLike[str], tokenizer: str | os.PathLi
     """
     from transformers import AutoTokenizer
 
-    source = Path(tokenizer).expanduser() if tokenizer else Path(model_dir)
+    source = tokenizer_source(model_dir, tokenizer)
     validate_tokenizer(source, required=bool(tokenizer) or source.is_dir())
     if source.is_file() and source.suffix == ".model":
         tok = load_sentencepiece_tokenizer(source)

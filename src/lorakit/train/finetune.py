@@ -9,7 +9,14 @@ from pathlib import Path
 
 from lorakit.data.example_cache import load_or_build
 from lorakit.data.holdout import held_out
-from lorakit.models import check_vocab, ensure_pad_token, load_model, load_tokenizer, resolve_model_dir
+from lorakit.models import (
+    check_vocab,
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+    tokenizer_source,
+)
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.prompts import get_prompter
 from lorakit.train.config import FinetuneConfig
@@ -37,7 +44,7 @@ def tokenized_examples(cfg: FinetuneConfig, tokenizer, prompter, model_dir: Path
         log.info("streaming %s: examples are tokenized while training, in file order", cfg.data_path)
         return StreamedExamples(cfg.data_path, tokenizer, prompter, cfg.cutoff_len, cfg.train_on_inputs,
                                 cfg.add_eos_token, cfg.skip_invalid), None
-    source = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir)
+    source = tokenizer_source(model_dir, cfg.tokenizer)
     cache = load_or_build(cfg.data_path, tokenizer, source, prompter, cfg.cache_dir(), cfg.workers(),
                           cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos_token, cfg.skip_invalid)
     train_set, val_set = cache.split(cfg.val_set_size, cfg.seed)

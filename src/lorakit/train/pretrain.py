@@ -18,7 +18,7 @@ from pathlib import Path
 from lorakit.data.blocks import TokenBlocks
 from lorakit.data.token_cache import TokenCache, load_or_build
 from lorakit.errors import DataError
-from lorakit.models import check_vocab, load_model, load_tokenizer, resolve_model_dir
+from lorakit.models import check_vocab, load_model, load_tokenizer, resolve_model_dir, tokenizer_source
 from lorakit.precision import resolve_precision, weights_dtype
 from lorakit.train.distributed import is_main_process
 from lorakit.train.engine import train
@@ -63,7 +63,7 @@ def make_blocks(stream: Sequence[int], block_size: int) -> list[Block]:
     return blocks
 
 
-def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str | Path) -> bool:
+def copy_sentencepiece_model(source: Path, tokenizer, output_dir: str | Path) -> bool:
     """Ship the tokenizer's `tokenizer.model` with the adapter (transformers 5 saves only tokenizer.json).
 
     `lorakit merge` copies it to the merged model, where SentencePiece-based tools (llama.cpp's
@@ -73,7 +73,7 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
 
     import sentencepiece as spm
 
-    src = tokenizer_source if tokenizer_source.is_file() else tokenizer_source / "tokenizer.model"
+    src = source if source.is_file() else source / "tokenizer.model"
     if src.suffix != ".model" or not src.is_file():
         return False
     if spm.SentencePieceProcessor(model_file=str(src)).get_piece_size() != len(tokenizer):
@@ -88,7 +88,7 @@ def copy_sentencepiece_model(tokenizer_source: Path, tokenizer, output_dir: str 
 def tokenized_corpus(cfg: PretrainConfig, tokenizer, model_dir: Path) -> TokenCache:
     """The corpus as one token stream in the on-disk cache (data/token_cache.py): tokenized here in parallel
     the first time, memory-mapped afterwards."""
-    source = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir)
+    source = tokenizer_source(model_dir, cfg.tokenizer)
     return load_or_build(cfg.data_path, tokenizer, source, cfg.cache_dir(), cfg.workers())
 
 
@@ -128,6 +128,6 @@ def pretrain(cfg: PretrainConfig) -> TrainSummary:
     # Blocks all have the same length: stacking them needs no padding and no packing.
     summary = train(cfg, model, tokenizer, train_set, val_set, collator=default_data_collator)
     if is_main_process():
-        copy_sentencepiece_model(Path(cfg.tokenizer).expanduser() if cfg.tokenizer else Path(model_dir), tokenizer,
+        copy_sentencepiece_model(tokenizer_source(model_dir, cfg.tokenizer), tokenizer,
                                  summary.output_dir)
     return summary
