@@ -43,6 +43,24 @@ def page_url(tmp_path_factory):
     engine.close()
 
 
+
+def submit_and_record(page, url: str, instruction: str, expected: str) -> list[str]:
+    """Open the page, submit `instruction` and return every distinct value the output box took while the
+    answer streamed in, once it shows `expected`."""
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.locator("#instruction textarea").fill(instruction)
+    # record every distinct value the output box takes while the response streams in
+    page.evaluate("""() => { window.__seen = []; setInterval(() => {
+        const box = document.querySelector('#output textarea');
+        const v = box ? box.value : '';
+        if (v && window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 5); }""")
+    page.locator("#submit").click()
+    # wait on the recorder, not the box: the box can show the final text a moment before the 5 ms
+    # recorder has copied it, and then the last recorded state would lag behind
+    page.wait_for_function("(want) => window.__seen.length && window.__seen[window.__seen.length - 1] === want",
+                           arg=expected, timeout=60_000)
+    return page.evaluate("() => window.__seen")
+
 def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
     from playwright.sync_api import sync_playwright
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,19 +78,7 @@ def test_instruction_streams_into_the_page(chromium, page_url, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-        page.locator("#instruction textarea").fill("Describe a llama.")
-        # record every distinct value the output box takes while the response streams in
-        page.evaluate("""() => { window.__seen = []; setInterval(() => {
-            const box = document.querySelector('#output textarea');
-            const v = box ? box.value : '';
-            if (v && window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 5); }""")
-        page.locator("#submit").click()
-        # wait on the recorder, not the box: the box can show the final text a moment before the 5 ms
-        # recorder has copied it, and then the last recorded state would lag behind
-        page.wait_for_function("(want) => window.__seen.length && window.__seen[window.__seen.length - 1] === want",
-                               arg=expected, timeout=60_000)
-        seen = page.evaluate("() => window.__seen")
+        seen = submit_and_record(page, url, "Describe a llama.", expected)
         page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
 
         # the chat tab: a message and its streamed reply appear in the conversation

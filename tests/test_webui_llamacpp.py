@@ -9,7 +9,7 @@ import pytest
 
 from servers import free_port
 from test_generate_helpers import hf_greedy, make_adapter, tiny_chat_model
-from test_webui import CHROMIUM_ARGS, chromium  # noqa: F401 (chromium is a fixture)
+from test_webui import CHROMIUM_ARGS, chromium, submit_and_record  # noqa: F401 (chromium is a fixture)
 
 INSTRUCTION = "Describe a llama."
 NEW_TOKENS = 40
@@ -62,16 +62,7 @@ def test_page_generates_through_llamacpp_like_peft(chromium, llamacpp_page, tmp_
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-        page.locator("#instruction textarea").fill(INSTRUCTION)
-        page.evaluate("""() => { window.__seen = []; setInterval(() => {
-            const box = document.querySelector('#output textarea');
-            const v = box ? box.value : '';
-            if (v && window.__seen[window.__seen.length - 1] !== v) window.__seen.push(v); }, 5); }""")
-        page.locator("#submit").click()
-        page.wait_for_function("(want) => window.__seen.length && window.__seen[window.__seen.length - 1] === want",
-                               arg=expected, timeout=60_000)
-        seen = page.evaluate("() => window.__seen")
+        seen = submit_and_record(page, url, INSTRUCTION, expected)
         page.screenshot(path=str(tmp_path / "webui-llamacpp.png"), full_page=True)
         browser.close()
     assert seen[-1] == expected
